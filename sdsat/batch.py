@@ -1,0 +1,184 @@
+"""A running batch of sequences that share draft/verify (or plain) steps.
+
+Sequences join (their prompts are prefilled and appended) and leave (finished or
+cancelled) between steps; every step uses one k for the whole batch and each row accepts
+its own number of drafts. Used by :func:`sdsat.generate.generate` and by the serving engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .decoding import plain_step, prefill, sdsat_step
+from .kv_cache import SlotCache
+from .stats import DecodeStats
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One request's prompt, output and stopping rules."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+    num_sat: int | None = None  # cap on k for this sequence (None: the batch's k)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    stop_text_at: int | None = None  # where the matched stop string starts in the decoded text
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def text(self, tokenizer) -> str:
+        """The decoded output, cut before a matched stop string."""
+        text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        return text if self.stop_text_at is None else text[: self.stop_text_at]
+
+    def append(self, tokens: list[int], tokenizer=None) -> list[int]:
+        """Add newly generated tokens, applying EOS, stop strings and max_new_tokens.
+
+        Returns the tokens actually kept (a prefix of ``tokens``).
+        """
+        room = self.max_new_tokens - len(self.output_ids)
+        kept = tokens[:room]
+        for i, token in enumerate(kept):
+            if token in self.eos_token_ids:
+                kept = kept[: i + 1]
+                self.finish_reason = "stop"
+                break
+        before = len(self.output_ids)
+        self.output_ids.extend(kept)
+        if self.stop and tokenizer is not None:
+            self._check_stop(before, tokenizer)
+        if self.finish_reason is None and len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return self.output_ids[before:]
+
+    def _check_stop(self, before: int, tokenizer) -> None:
+        text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if not hits:
+            return
+        at = min(hits)
+        # Keep the fewest tokens whose text reaches past the stop string's start.
+        for n in range(before, len(self.output_ids) + 1):
+            if len(tokenizer.decode(self.output_ids[:n], skip_special_tokens=True)) > at:
+                del self.output_ids[n:]
+                break
+        self.stop_text_at = at
+        self.finish_reason = "stop"
+
+
+@dataclass
+class StepEvent:
+    sequence: Sequence
+    new_ids: list[int]  # tokens appended by this step (may be empty)
+
+
+class Batch:
+    """Sequences decoding together on one model."""
+
+    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=self.device)
+        self.pad_id = pad_id
+        self.sequences: list[Sequence] = []
+        self.cache = SlotCache.for_model(model, 0)
+        self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @torch.inference_mode()
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill new sequences and let them join the batch."""
+        if not sequences:
+            return
+        cache = SlotCache.for_model(self.model, len(sequences))
+        start = time.perf_counter()
+        last = prefill(self.model, cache, [s.prompt_ids for s in sequences], self.pad_id)
+        elapsed = time.perf_counter() - start
+        for seq in sequences:
+            seq.stats.prefill_s += elapsed
+        self.cache.extend(cache)
+        self.last = torch.cat([self.last, last])
+        self.sequences.extend(sequences)
+
+    @torch.inference_mode()
+    def step(
+        self,
+        sat_ids: list[int],
+        draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[StepEvent]:
+        """One iteration for every row: draft-then-verify with these SATs, or plain if none.
+
+        Finished sequences leave the batch after the step.
+        """
+        if not self.sequences:
+            return []
+        start = time.perf_counter()
+        forward_before = self.cache.forward_seconds
+        k = len(sat_ids)
+        if k == 0:
+            nxt = plain_step(self.model, self.cache, self.last, self.banned)
+            emitted = [[t] for t in nxt.tolist()]
+            self.last = nxt
+            passes = 1
+        else:
+            override = None
+            if draft_override is not None:
+                override = lambda drafts: draft_override(self.sequences, drafts)  # noqa: E731
+            sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
+            emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
+            passes = 2
+        forward_s = self.cache.forward_seconds - forward_before
+        wall_s = time.perf_counter() - start
+        events = []
+        for seq, tokens in zip(self.sequences, emitted):
+            stats = seq.stats
+            stats.iterations += 1
+            stats.forward_passes += passes
+            stats.forward_s += forward_s
+            stats.decode_s += wall_s
+            if k:
+                stats.record_drafts(k, len(tokens) - 2)
+            kept = seq.append(tokens, self.tokenizer)
+            stats.new_tokens += len(kept)
+            events.append(StepEvent(seq, kept))
+        self._drop(lambda s: s.finished)
+        return events
+
+    def cancel(self, seq_ids: set[int], reason: str = "cancelled") -> list[Sequence]:
+        """Remove these sequences from the batch; returns the removed ones."""
+        removed = [s for s in self.sequences if s.seq_id in seq_ids]
+        for seq in removed:
+            seq.finish_reason = seq.finish_reason or reason
+        self._drop(lambda s: s.seq_id in seq_ids)
+        return removed
+
+    def _drop(self, gone: Callable[[Sequence], bool]) -> None:
+        keep = [i for i, s in enumerate(self.sequences) if not gone(s)]
+        if len(keep) == len(self.sequences):
+            return
+        self.cache.select_rows(keep)
+        self.last = self.last[keep]
+        self.sequences = [self.sequences[i] for i in keep]

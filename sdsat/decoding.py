@@ -1,0 +1,135 @@
+"""Greedy decoding steps: plain, and SDSAT's two-step draft-then-verify.
+
+Terms (DESIGN.md): for each row, ``last`` is its newest token, not yet in the KV cache.
+- draft pass: feed [last, sat_1..sat_k]. The argmax at ``last`` is y0 (exact); the argmax
+  at sat_i is draft d_i. Keep ``last`` in the cache, drop the SAT keys.
+- verify pass: feed [y0, d_1..d_k] and take argmaxes z_0..z_k. a = the longest prefix with
+  d_{i+1} == z_i (accepted drafts). Keep y0, d_1..d_a; emit y0, d_1..d_a and the bonus
+  z_a, which becomes ``last``. Two passes, a + 2 tokens, identical to plain greedy.
+
+All functions take a batch; rows keep their own cache lengths (:class:`SlotCache`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import SlotCache
+
+
+def forward(model, cache: SlotCache, input_ids: torch.Tensor) -> torch.Tensor:
+    """Run q new tokens per row ([B, q]) at each row's own positions; return logits [B, q, V].
+
+    The cache's lengths are not advanced: the caller commits what it keeps.
+    """
+    return _timed(model, cache, input_ids).logits
+
+
+def _timed(module, cache: SlotCache, input_ids: torch.Tensor):
+    """Run ``module`` over the new tokens, adding its time to ``cache.forward_seconds``."""
+    start = time.perf_counter()
+    q = input_ids.shape[1]
+    mask = cache.prepare(q, cache.dtype)
+    out = module(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=cache.position_ids(q),
+        cache=cache,
+        use_cache=True,
+    )
+    if cache.sync_timing:
+        torch.cuda.synchronize(cache.device)
+    cache.forward_seconds += time.perf_counter() - start
+    return out
+
+
+def greedy(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """Argmax over the vocabulary with ``banned`` ids (the SATs) never chosen. [..., V] -> [...]"""
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    return logits.argmax(dim=-1)
+
+
+def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Write every prompt but its last token into the cache; return ``last`` [B].
+
+    Prompts of different lengths are right-padded: the pads sit beyond each row's length,
+    so no real token sees them and the next pass overwrites them.
+    """
+    device = cache.device
+    body = [p[:-1] for p in prompts]
+    width = max(len(b) for b in body)
+    if width:
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+        for row, tokens in enumerate(body):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        forward_hidden_only(model, cache, ids)
+        cache.advance([len(b) for b in body])
+    return torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
+
+
+def forward_hidden_only(model, cache: SlotCache, input_ids: torch.Tensor) -> None:
+    """A pass that only fills the cache: skips the LM head (prefill needs no logits)."""
+    _timed(model.get_decoder(), cache, input_ids)
+
+
+def plain_step(model, cache: SlotCache, last: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """One plain greedy step: commit ``last``, return the next token per row [B]."""
+    logits = forward(model, cache, last[:, None])  # [B, 1, V]
+    cache.advance(1)
+    return greedy(logits[:, 0], banned)
+
+
+def draft(
+    model, cache: SlotCache, last: torch.Tensor, sat_ids: torch.Tensor, banned: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft pass. last [B], sat_ids [k] -> (y0 [B], drafts [B, k]); commits ``last`` only."""
+    batch = last.shape[0]
+    input_ids = torch.cat([last[:, None], sat_ids[None, :].expand(batch, -1)], dim=1)  # [B, k+1]
+    tokens = greedy(forward(model, cache, input_ids), banned)  # [B, k+1]
+    cache.advance(1)  # keep `last`; the SAT keys beyond it are dropped
+    return tokens[:, 0], tokens[:, 1:]
+
+
+def verify(
+    model, cache: SlotCache, y0: torch.Tensor, drafts: torch.Tensor, banned: torch.Tensor | None
+) -> torch.Tensor:
+    """Verify pass: feed [y0, d_1..d_k] ([B, k+1]); return the model's argmaxes z [B, k+1].
+
+    Commits nothing: the caller keeps 1 + accepted tokens per row.
+    """
+    return greedy(forward(model, cache, torch.cat([y0[:, None], drafts], dim=1)), banned)
+
+
+def accepted_lengths(drafts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """a [B]: the longest prefix with drafts[:, i] == z[:, i]. drafts [B, k], z [B, k+1]."""
+    matches = (drafts == z[:, : drafts.shape[1]]).to(torch.int32)  # [B, k]
+    return matches.cumprod(dim=1).sum(dim=1)
+
+
+def sdsat_step(
+    model,
+    cache: SlotCache,
+    last: torch.Tensor,
+    sat_ids: torch.Tensor,
+    banned: torch.Tensor | None,
+    draft_override=None,
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """One draft-then-verify iteration.
+
+    Returns (emitted tokens per row: y0, d_1..d_a, bonus; new ``last`` [B]; drafts [B, k]).
+    draft_override(drafts) -> drafts replaces the SAT drafts (oracle/garbage benchmarks).
+    One host sync.
+    """
+    y0, drafts = draft(model, cache, last, sat_ids, banned)
+    if draft_override is not None:
+        drafts = draft_override(drafts)
+    z = verify(model, cache, y0, drafts, banned)  # [B, k+1]
+    a = accepted_lengths(drafts, z)  # [B]
+    emitted = torch.cat([a[:, None], y0[:, None], z], dim=1).tolist()  # the one host sync
+    counts = [row[0] for row in emitted]
+    cache.advance([1 + n for n in counts])  # y0 and the accepted drafts
+    new_last = z.gather(1, a[:, None].long())[:, 0]  # the bonus z_a
+    return [row[1 : n + 3] for row, n in zip(emitted, counts)], new_last, drafts

@@ -1,0 +1,96 @@
+"""Batch generation loops: plain greedy and SDSAT greedy, as a stream or all at once."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .batch import Batch, Sequence, StepEvent
+from .models import LoadedModel
+
+
+def make_sequences(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    stop: tuple[str, ...] = (),
+    eos: bool = True,
+) -> list[Sequence]:
+    """Sequences for these token-id prompts, checked against the model's context length."""
+    eos_ids = frozenset(_eos_ids(loaded)) if eos else frozenset()
+    limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    out = []
+    for i, prompt in enumerate(prompts):
+        if limit and len(prompt) + max_new_tokens + (loaded.sat.num_sat if loaded.sat else 0) + 1 > limit:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the model's context of {limit} tokens"
+            )
+        out.append(Sequence(list(prompt), max_new_tokens, eos_ids, tuple(stop)))
+    return out
+
+
+def stream(
+    loaded: LoadedModel,
+    sequences: list[Sequence],
+    num_sat: int = 0,
+    draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[list[StepEvent]]:
+    """Decode these sequences together; yield, per iteration, the tokens each row accepted.
+
+    num_sat = 0 is plain greedy decoding; k > 0 is SDSAT with k SATs per draft.
+    """
+    sat_ids = loaded.require_sat(num_sat)
+    banned = loaded.sat.unique_ids if loaded.sat else []
+    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0)
+    batch.add(sequences)
+    while len(batch):
+        yield batch.step(sat_ids, draft_override)
+
+
+def generate(
+    loaded: LoadedModel,
+    sequences: list[Sequence],
+    num_sat: int = 0,
+    draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+) -> list[Sequence]:
+    """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
+    for _ in stream(loaded, sequences, num_sat, draft_override):
+        pass
+    return sequences
+
+
+def oracle_drafts(references: dict[int, list[int]], *, wrong: bool = False, vocab_size: int = 0):
+    """A draft_override that drafts the known continuation (or, with wrong=True, never it).
+
+    references: seq_id -> the full greedy output of that sequence (e.g. from a plain run).
+    At a draft pass the row has n output tokens; y0 is token n, so draft i is token n+i.
+    """
+
+    def override(sequences: list[Sequence], drafts: torch.Tensor) -> torch.Tensor:
+        k = drafts.shape[1]
+        rows = []
+        for seq in sequences:
+            ref = references[seq.seq_id]
+            n = len(seq.output_ids)
+            row = ref[n + 1 : n + 1 + k]
+            row = row + [0] * (k - len(row))
+            if wrong:
+                row = [(t + 1) % vocab_size for t in row]
+            rows.append(row)
+        return torch.tensor(rows, dtype=drafts.dtype, device=drafts.device)
+
+    return override
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = set()
+    for source in (loaded.model.generation_config, loaded.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids

@@ -1,0 +1,179 @@
+"""A KV cache with per-row lengths, for batched speculative decoding.
+
+Each row of the batch owns slots 0..capacity-1 of a preallocated buffer per layer.
+``lengths[b]`` slots are committed; a forward pass of q tokens writes them at slots
+lengths[b]..lengths[b]+q-1 of its row, whatever the other rows' lengths. Rolling back
+rejected drafts is only a matter of not advancing ``lengths`` past them: their slots are
+masked and overwritten by the next pass. No row ever waits for or pads to another.
+
+It plugs into transformers through the public ``Cache`` interface, so the model's own
+attention code runs unchanged; the caller passes position ids and the 4D additive mask
+built by :meth:`SlotCache.attention_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_GROW = 256  # capacity grows in steps of this many slots
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values: [batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, owner: "SlotCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states):
+        batch, heads, _, dim = key_states.shape
+        shape = (batch, heads, self.owner.capacity, dim)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        q = key_states.shape[2]
+        if owner.uniform_length is not None:  # all rows equally long: a plain slice write
+            start = owner.uniform_length
+            self.keys[:, :, start : start + q] = key_states
+            self.values[:, :, start : start + q] = value_states
+        else:
+            index = owner.write_slots[:, None, :, None].expand_as(key_states)  # [B, H, q, D]
+            self.keys.scatter_(2, index, key_states)
+            self.values.scatter_(2, index, value_states)
+        kv_len = owner.kv_length
+        return self.keys[:, :, :kv_len], self.values[:, :, :kv_len]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv_length, 0
+
+    def get_seq_length(self) -> int:
+        return max(self.owner.lengths, default=0)
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def grow(self, capacity: int) -> None:
+        if self.is_initialized:
+            pad = capacity - self.keys.shape[2]
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
+            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, rows)
+            self.values = self.values.index_select(0, rows)
+
+
+class SlotCache(Cache):
+    """Per-row-length KV cache. Protocol per forward pass:
+
+    ``mask = cache.prepare(q)``, run the model with ``position_ids=cache.position_ids(q)``
+    and ``attention_mask=mask``, then ``cache.advance(counts)`` with how many of the q new
+    tokens each row keeps.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, capacity: int = _GROW):
+        self.lengths: list[int] = [0] * batch_size
+        self.capacity = _round_up(capacity)
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.kv_length = 0
+        self.uniform_length: int | None = 0
+        self.write_slots: torch.Tensor | None = None  # [B, q]
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype = torch.float32  # of the model, for the additive mask
+        self.forward_seconds = 0.0  # time spent in passes over this cache
+        self.sync_timing = False  # synchronize CUDA before reading the clock
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, capacity: int = _GROW) -> "SlotCache":
+        config = model.config.get_text_config()
+        cache = cls(config.num_hidden_layers, batch_size, capacity)
+        param = next(model.parameters())
+        cache.device = param.device
+        cache.dtype = param.dtype
+        cache.sync_timing = param.device.type == "cuda"
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = torch.empty(batch_size, heads, 0, head_dim, dtype=param.dtype, device=param.device)
+        for layer in cache.layers:
+            layer.lazy_initialization(probe, probe)
+        return cache
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def prepare(self, q: int, dtype: torch.dtype, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Get ready to write q tokens per row; return the additive mask [B, 1, q, kv_len].
+
+        block_mask: [q, q] bool, which new tokens see which (default: causal).
+        """
+        needed = max(self.lengths) + q
+        if needed > self.capacity:
+            self.capacity = _round_up(needed)
+            for layer in self.layers:
+                layer.grow(self.capacity)
+        self.kv_length = needed
+        first = self.lengths[0]
+        self.uniform_length = first if all(n == first for n in self.lengths) else None
+        lengths = torch.tensor(self.lengths, device=self.device)  # [B]
+        self.write_slots = lengths[:, None] + torch.arange(q, device=self.device)  # [B, q]
+        slots = torch.arange(needed, device=self.device)  # [kv_len]
+        if block_mask is None:
+            block_mask = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
+        # A slot below the row's length is committed past, visible to every new token.
+        # Slot length + j holds new token j, visible to new token i where block_mask[i, j].
+        past = slots[None, None, :] < lengths[:, None, None]  # [B, 1, kv_len]
+        rel = slots[None, :] - lengths[:, None]  # [B, kv_len]
+        in_block = (rel >= 0) & (rel < q)
+        sees_new = block_mask[:, rel.clamp(0, q - 1)].permute(1, 0, 2) & in_block[:, None, :]  # [B, q, kv_len]
+        mask = torch.zeros((len(self.lengths), q, needed), dtype=dtype, device=self.device)
+        mask.masked_fill_(~(past | sees_new), torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def position_ids(self, q: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions of the q new tokens per row: length + j (or length + offsets[j])."""
+        if offsets is None:
+            offsets = torch.arange(q, device=self.device)
+        return torch.tensor(self.lengths, device=self.device)[:, None] + offsets
+
+    def advance(self, counts: list[int] | int) -> None:
+        """Commit the first counts[b] tokens written by the last pass in row b."""
+        if isinstance(counts, int):
+            counts = [counts] * self.batch_size
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for layer in self.layers:
+            layer.select_rows(index)
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def extend(self, other: "SlotCache") -> None:
+        """Append the rows of another cache of the same model after this one's rows."""
+        if other.batch_size == 0:
+            return
+        capacity = max(self.capacity, other.capacity)
+        for cache in (self, other):
+            if cache.capacity < capacity:
+                cache.capacity = capacity
+                for layer in cache.layers:
+                    layer.grow(capacity)
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.lengths = self.lengths + other.lengths
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths, default=0)
+
+
+def _round_up(n: int) -> int:
+    return max(_GROW, -(-n // _GROW) * _GROW)
