@@ -73,13 +73,13 @@ class Sequence:
 
     def _check_stop(self, before: int, tokenizer) -> None:
         text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, i + len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0]
         if not hits:
             return
-        at = min(hits)
-        # Keep the fewest tokens whose text reaches past the stop string's start.
+        at, end = min(hits)
+        # Keep the fewest tokens whose text holds the whole stop string.
         for n in range(before, len(self.output_ids) + 1):
-            if len(tokenizer.decode(self.output_ids[:n], skip_special_tokens=True)) > at:
+            if len(tokenizer.decode(self.output_ids[:n], skip_special_tokens=True)) >= end:
                 del self.output_ids[n:]
                 break
         self.stop_text_at = at

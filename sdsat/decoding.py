@@ -109,6 +109,20 @@ def accepted_lengths(drafts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return matches.cumprod(dim=1).sum(dim=1)
 
 
+def accept(y0: torch.Tensor, drafts: torch.Tensor, z: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+    """Apply the acceptance rule. y0 [B], drafts [B, k], z [B, k+1] (verify argmaxes).
+
+    Returns (emitted tokens per row: y0, d_1..d_a and the bonus z_a; the bonus per row [B]).
+    Accepted drafts equal z_0..z_{a-1}, so the emitted row is y0 followed by z_0..z_a.
+    One host sync.
+    """
+    a = accepted_lengths(drafts, z)  # [B]
+    rows = torch.cat([a[:, None], y0[:, None], z], dim=1).tolist()  # the one host sync
+    emitted = [row[1 : row[0] + 3] for row in rows]
+    bonus = z.gather(1, a[:, None].long())[:, 0]
+    return emitted, bonus
+
+
 def sdsat_step(
     model,
     cache: SlotCache,
@@ -121,15 +135,11 @@ def sdsat_step(
 
     Returns (emitted tokens per row: y0, d_1..d_a, bonus; new ``last`` [B]; drafts [B, k]).
     draft_override(drafts) -> drafts replaces the SAT drafts (oracle/garbage benchmarks).
-    One host sync.
     """
     y0, drafts = draft(model, cache, last, sat_ids, banned)
     if draft_override is not None:
         drafts = draft_override(drafts)
     z = verify(model, cache, y0, drafts, banned)  # [B, k+1]
-    a = accepted_lengths(drafts, z)  # [B]
-    emitted = torch.cat([a[:, None], y0[:, None], z], dim=1).tolist()  # the one host sync
-    counts = [row[0] for row in emitted]
-    cache.advance([1 + n for n in counts])  # y0 and the accepted drafts
-    new_last = z.gather(1, a[:, None].long())[:, 0]  # the bonus z_a
-    return [row[1 : n + 3] for row, n in zip(emitted, counts)], new_last, drafts
+    emitted, bonus = accept(y0, drafts, z)
+    cache.advance([len(tokens) - 1 for tokens in emitted])  # y0 and the accepted drafts
+    return emitted, bonus, drafts
