@@ -1,0 +1,234 @@
+"""Training data: texts from a corpus, packed into fixed-length token rows.
+
+Sources (``load_texts``):
+- ``"stdlib"`` (default, offline): the Python source of this interpreter's standard library,
+  tests excluded. Files are ordered by a hash of their relative path (deterministic, and a
+  ``limit`` takes a spread of packages, not the alphabet's first) and split by file.
+- a local ``.jsonl`` / ``.parquet`` / ``.txt`` file or a directory of them: one text per
+  JSONL line or parquet row (field ``text_field``), one per text file. Split by record.
+- a Hugging Face dataset id (``name`` or ``name:config``), where the hub is reachable.
+
+With ``chat=True`` each record's ``messages`` field (a list of {role, content}) is rendered
+with the tokenizer's chat template. Splits are "train" and "validation"; a record goes to
+validation when a stable hash of its key falls below ``val_fraction``.
+
+``self_distill`` replaces texts by the model's own greedy continuations of prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sysconfig
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+LOCAL_SUFFIXES = (".jsonl", ".parquet", ".txt")
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+HF_VALIDATION_NAMES = ("validation", "valid", "val", "test")
+
+
+def stdlib_files(split: str, val_fraction: float = 0.05) -> list[Path]:
+    """The standard library's .py files of this split, in a fixed hash order."""
+    _check_split(split, val_fraction)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if STDLIB_EXCLUDED_DIRS.isdisjoint(path.relative_to(root).parts[:-1]):
+            files.append((_hash01(rel), rel, path))
+    files.sort()
+    return [path for h, _, path in files if (h < val_fraction) == (split == "validation")]
+
+
+def load_texts(
+    source: str,
+    split: str,
+    *,
+    text_field: str = "text",
+    chat: bool = False,
+    tokenizer=None,
+    limit: int | None = None,
+    val_fraction: float = 0.05,
+) -> list[str]:
+    """Texts of one split of ``source`` (at most ``limit``); ValueError when there are none.
+
+    chat: render ``text_field`` (``"messages"`` when left at "text") with the tokenizer's
+    chat template.
+    """
+    _check_split(split, val_fraction)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if chat and tokenizer is None:
+        raise ValueError("chat=True needs a tokenizer (its chat template formats the messages)")
+    field = "messages" if chat and text_field == "text" else text_field
+    if source == "stdlib":
+        texts = _stdlib_texts(split, val_fraction, limit)
+    else:
+        records = _local_records(source, split, val_fraction) if _is_local(source) else None
+        if records is None:
+            records = _hub_records(source, split, val_fraction)
+        texts = []
+        for key, record in records:
+            texts.append(_record_text(record, field, chat, tokenizer, f"{source} ({key})"))
+            if limit is not None and len(texts) >= limit:
+                break
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"data source {source!r} has no texts in split {split!r} (empty corpus)")
+    return texts
+
+
+def pack(texts: list[str], tokenizer, row_len: int):
+    """Tokenize ``texts`` (EOS after each) and cut the stream into rows of exactly
+    ``row_len`` tokens: a ``datasets.Dataset`` with one column, ``input_ids``."""
+    import datasets
+
+    if row_len < 2:
+        raise ValueError(f"row_len must be >= 2, got {row_len}")
+    sep = tokenizer.eos_token_id
+
+    def tokenize(batch: dict) -> dict:
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [x + [sep] if sep is not None else x for x in ids]}
+
+    def group(batch: dict) -> dict:
+        return {"input_ids": pack_ids(batch["input_ids"], row_len)}
+
+    ds = datasets.Dataset.from_dict({"text": list(texts)})
+    ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc="tokenize")
+    ds = ds.map(group, batched=True, batch_size=1000, desc=f"pack rows of {row_len}")
+    if len(ds) == 0:
+        total = sum(len(t) for t in texts)
+        raise ValueError(f"corpus too small: {len(texts)} texts ({total} chars) fill no row of {row_len} tokens")
+    return ds
+
+
+def pack_ids(sequences: list[list[int]], row_len: int) -> list[list[int]]:
+    """Concatenate token sequences and cut them into rows of row_len; drop the remainder."""
+    stream = [t for seq in sequences for t in seq]
+    usable = len(stream) - len(stream) % row_len
+    return [stream[i : i + row_len] for i in range(0, usable, row_len)]
+
+
+def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """Each prompt followed by the model's own greedy continuation (plain decoding, SATs banned)."""
+    from .generate import generate, make_sequences
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        sequences = generate(loaded, make_sequences(loaded, chunk, max_new_tokens), num_sat=0)
+        out.extend(list(s.prompt_ids) + list(s.output_ids) for s in sequences)
+        log.info("self-distillation: %d/%d prompts", len(out), len(prompts))
+    return out
+
+
+def _check_split(split: str, val_fraction: float) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
+def _hash01(key: str) -> float:
+    """A stable number in [0, 1) for a key (not Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def _stdlib_texts(split: str, val_fraction: float, limit: int | None) -> list[str]:
+    texts = []
+    for path in stdlib_files(split, val_fraction):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
+    return texts
+
+
+def _is_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    if path.exists():
+        return True
+    if source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES):
+        raise ValueError(f"data source {source!r}: no such file or directory")
+    return False
+
+
+def _local_records(source: str, split: str, val_fraction: float):
+    """(key, record) pairs of this split from a local file or directory."""
+    root = Path(source).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.suffix in LOCAL_SUFFIXES) if root.is_dir() else [root]
+    if root.is_file() and root.suffix not in LOCAL_SUFFIXES:
+        raise ValueError(f"data source {source!r}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)}")
+    if not files:
+        raise ValueError(f"data source {source!r}: no {', '.join(LOCAL_SUFFIXES)} files in the directory")
+    for path in files:
+        for index, record in _read_file(path):
+            key = f"{path.name}:{index}"
+            if (_hash01(key) < val_fraction) == (split == "validation"):
+                yield key, record
+
+
+def _read_file(path: Path):
+    if path.suffix == ".txt":
+        yield 0, {"text": path.read_text(encoding="utf-8", errors="replace")}
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield line_no, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({exc})") from exc
+    else:
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist())
+
+
+def _hub_records(source: str, split: str, val_fraction: float):
+    """(key, record) pairs of this split from a Hugging Face dataset ``name[:config]``."""
+    import datasets
+
+    name, _, config = source.partition(":")
+    try:
+        splits = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # offline, unknown id, bad config: all reported the same way
+        raise ValueError(f"cannot load dataset {source!r} (not a local path; Hugging Face hub: {exc})") from exc
+    if split == "train" and "train" in splits:
+        return (((f"train:{i}"), r) for i, r in enumerate(splits["train"]))
+    if split == "validation":
+        for candidate in HF_VALIDATION_NAMES:
+            if candidate in splits:
+                return ((f"{candidate}:{i}", r) for i, r in enumerate(splits[candidate]))
+    # No such split: carve it out of the first split by hash, like local files.
+    first = next(iter(splits))
+    return (
+        (f"{first}:{i}", r)
+        for i, r in enumerate(splits[first])
+        if (_hash01(f"{first}:{i}") < val_fraction) == (split == "validation")
+    )
+
+
+def _record_text(record: dict, field: str, chat: bool, tokenizer, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: record has no field {field!r} (it has {keys}); set text_field")
+    value = record[field]
+    if not chat:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+        return value
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise ValueError(f"{where}: field {field!r} must be a list of {{role, content}} messages for chat=True")
+    try:
+        return tokenizer.apply_chat_template(value, tokenize=False)
+    except Exception as exc:
+        raise ValueError(f"{where}: cannot apply the tokenizer's chat template: {exc}") from exc
