@@ -1,0 +1,73 @@
+"""What goes in and out of the serving engine: configuration, requests, streamed chunks, step metrics."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 16  # rows decoding together (greedy and sampling together)
+    num_sat: int | None = None  # default k; None: the model's trained k (or all its SATs), 0 without SATs
+    adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
+    max_new_tokens_limit: int = 2048
+    max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.num_sat is not None and self.num_sat < 0:
+            raise ValueError(f"num_sat must be >= 0, got {self.num_sat}")
+        if self.max_new_tokens_limit < 1:
+            raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    num_sat: int | None = None  # cap on k for this request; 0 = no drafting; None = the engine's
+    temperature: float = 0.0  # 0: greedy (SDSAT); > 0: sampling
+    top_p: float = 1.0
+    seed: int | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        elif isinstance(self.stop, list):
+            self.stop = tuple(self.stop)
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]  # new tokens in this chunk
+    text: str  # new text: never a stop string or what follows it; never half a character
+    finish_reason: str | None  # None until the last chunk: "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # running count
+    stats: dict | None = None  # last chunk: DecodeStats.to_dict() + {"mode": "sdsat" | "plain" | "sampling"}
+
+
+@dataclass
+class StepMetrics:
+    batch_size: int
+    k: int  # SATs per draft in this step (0: plain or sampling step)
+    step_s: float
+    new_tokens: int
+    drafted: int
+    accepted_per_offset: list[int]  # [k]: rows whose draft at offset i+1 was accepted
+    queue_length: int
+    mode: str = "greedy"  # "greedy" | "sampling": which batch stepped
+
+
+class EngineError(RuntimeError):
+    """A failure inside the engine while serving this request."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine's queue is full: retry later or elsewhere."""
