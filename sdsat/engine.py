@@ -283,7 +283,7 @@ class Engine:
         for batch in (self._greedy, self._sampling):
             for seq in batch.cancel(set(cancels)):
                 active = self._running.pop(seq.seq_id)
-                self.totals["cancelled"] += 1
+                self._count(cancelled=1)
                 self._finish(active, cancels[seq.seq_id])
 
     def _choose_k(self, batch: Batch) -> int:
@@ -325,10 +325,12 @@ class Engine:
         ))
 
     def _report(self, metrics: StepMetrics) -> None:
-        self.totals["steps"] += 1
-        self.totals["tokens"] += metrics.new_tokens
-        self.totals["drafted"] += metrics.drafted
-        self.totals["accepted"] += sum(metrics.accepted_per_offset)
+        self._count(
+            steps=1,
+            tokens=metrics.new_tokens,
+            drafted=metrics.drafted,
+            accepted=sum(metrics.accepted_per_offset),
+        )
         if self.on_step is not None:
             try:
                 self.on_step(metrics)
@@ -351,7 +353,7 @@ class Engine:
         chunk = self._chunk(active, event.new_ids, text)
         if seq.finished:
             self._running.pop(seq.seq_id)
-            self.totals["finished"] += 1
+            self._count(finished=1)
             active.done = True
             with self._lock:
                 self._ids.pop(active.request.request_id, None)
@@ -372,13 +374,18 @@ class Engine:
         )
 
     def _finish(self, active: _Active, reason: str) -> None:
-        """End a cancelled request: a last chunk if it was cancelled by id, else nothing to say."""
+        """End a cancelled request: a last chunk (with any held-back text) if it was cancelled
+        by id; nothing if its consumer left."""
         active.done = True
         with self._lock:
             self._ids.pop(active.request.request_id, None)
         if reason:
             active.sequence.finish_reason = reason
-            self._push(active, self._chunk(active, [], ""))
+            self._push(active, self._chunk(active, [], active.text.delta(active.sequence)))
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            self.totals.update(increments)
 
     def _fail_batch(self, batch: Batch, exc: Exception) -> None:
         """A step failed: its rows' state is unknown, so all of them fail and the batch starts afresh."""
@@ -397,7 +404,7 @@ class Engine:
             self._sampling = SamplingBatch(self.loaded.model, self.loaded.tokenizer, self._banned, self._pad_id)
 
     def _fail(self, active: _Active, error: EngineError) -> None:
-        self.totals["failed"] += 1
+        self._count(failed=1)
         active.done = True
         with self._lock:
             self._ids.pop(active.request.request_id, None)

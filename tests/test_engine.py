@@ -139,6 +139,8 @@ def test_cancel_by_id_ends_with_cancelled(tiny):
 
     chunks = run_engine(tiny, body, EngineConfig(num_sat=4))
     assert chunks[-1].finish_reason == "cancelled"
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert "".join(c.text for c in chunks) == tiny.tokenizer.decode(tokens)
     assert 0 < chunks[-1].completion_tokens < 500
 
 
