@@ -1,0 +1,1 @@
+"""Ray Serve application for SDSAT (thin glue over sdsat/; see deployments/sdsat.py)."""

@@ -1,0 +1,126 @@
+"""``Router``: the FastAPI ingress with OpenAI-compatible routes, in front of ``SDSATServer``.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+Bodies are validated here (pydantic, OpenAI error shapes); prompts are tokenized and checked
+against the model by the model replica, whose first streamed item says whether it took the
+request. Streaming answers are server-sent events ending with ``data: [DONE]``.
+"""
+
+
+import asyncio
+import hmac
+import logging
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments import errors
+from deployments.errors import APIError
+from deployments.schemas import ChatCompletionRequest, CompletionRequest, GenerationParams, ModelCard, ModelList
+from deployments import stream
+from deployments.stream import Collected, Formatter
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="SDSAT", description="OpenAI-compatible speculative decoding with semantic adaptive tokens.")
+errors.install(app)
+
+
+@dataclass
+class RouterSettings:
+    model_name: str = "sdsat-default"
+    api_key: str | None = None  # None or "": no authentication
+    health_timeout_s: float = 10.0
+
+
+@app.middleware("http")
+async def _authenticate(request: Request, call_next):
+    key = getattr(app.state, "api_key", None)
+    if key and not request.url.path.endswith("/health"):
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            reason = "missing" if not header else "invalid"
+            message = f"{reason} API key: send the header 'Authorization: Bearer <key>'"
+            return APIError(401, message, None, "invalid_api_key").response()
+    return await call_next(request)
+
+
+@serve.deployment(name="Router")
+@serve.ingress(app)
+class Router:
+    def __init__(self, server: DeploymentHandle, settings: RouterSettings):
+        self.server = server
+        self.settings = settings
+        self.info: dict | None = None
+        app.state.api_key = settings.api_key or None
+
+    async def _model_info(self) -> dict:
+        if self.info is None:
+            self.info = await self.server.info.remote()
+        return self.info
+
+    @app.get("/health")
+    async def health(self):
+        """200 once a model replica answers; 503 before."""
+        try:
+            info = await asyncio.wait_for(self.server.info.remote(), self.settings.health_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            return APIError(503, f"no model replica is ready: {type(exc).__name__}", None, "not_ready").response()
+        self.info = info
+        return {"status": "ok", "model": info["model_name"], "num_sat": info["num_sat"]}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self):
+        info = await self._model_info()
+        card = ModelCard(
+            id=info["model_name"],
+            created=info["created"],
+            num_sat=info["num_sat"],
+            max_tokens_limit=info["max_tokens_limit"],
+            context_length=info["context_length"],
+        )
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        return await self._serve(body, {"prompt": body.prompt}, Formatter("completion", body, f"cmpl-{uuid.uuid4().hex}"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
+        fmt = Formatter("chat", body, f"chatcmpl-{uuid.uuid4().hex}")
+        return await self._serve(body, {"messages": messages}, fmt)
+
+    async def _serve(self, body: GenerationParams, prompt: dict, fmt: Formatter):
+        if body.model != self.settings.model_name:
+            message = f"The model `{body.model}` does not exist; this server serves `{self.settings.model_name}`"
+            raise APIError(404, message, "model", "model_not_found")
+        params = {**prompt, **body.engine_params(), "request_id": fmt.request_id}
+        chunks = self.server.options(stream=True).generate.remote(params)
+        try:
+            first = await stream.next_item(chunks)
+        except BaseException:
+            chunks.cancel()
+            raise
+        if first is None or "error" in first:
+            raise APIError.from_dict(first["error"] if first else {"message": "the model replica sent nothing"})
+        if body.stream:
+            return StreamingResponse(stream.sse_events(chunks, first, fmt), media_type="text/event-stream")
+        collected = Collected()
+        try:
+            chunk = first
+            while chunk is not None:
+                if "error" in chunk:
+                    raise APIError.from_dict(chunk["error"])
+                collected.add(chunk)
+                chunk = await stream.next_item(chunks)
+        finally:
+            # A client that went away cancels this handler; cancel the request downstream too.
+            chunks.cancel()
+        return JSONResponse(fmt.final(collected))
+
