@@ -17,6 +17,7 @@ validation when a stable hash of its key falls below ``val_fraction``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,14 +35,19 @@ HF_VALIDATION_NAMES = ("validation", "valid", "val", "test")
 def stdlib_files(split: str, val_fraction: float = 0.05) -> list[Path]:
     """The standard library's .py files of this split, in a fixed hash order."""
     _check_split(split, val_fraction)
+    return [path for h, path in _stdlib_index() if (h < val_fraction) == (split == "validation")]
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_index() -> tuple[tuple[float, Path], ...]:
+    """(hash of the relative path, path) of every stdlib source file, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in root.rglob("*.py"):
-        rel = path.relative_to(root).as_posix()
-        if STDLIB_EXCLUDED_DIRS.isdisjoint(path.relative_to(root).parts[:-1]):
-            files.append((_hash01(rel), rel, path))
-    files.sort()
-    return [path for h, _, path in files if (h < val_fraction) == (split == "validation")]
+        rel = path.relative_to(root)
+        if STDLIB_EXCLUDED_DIRS.isdisjoint(rel.parts[:-1]):
+            files.append((_hash01(rel.as_posix()), rel.as_posix(), path))
+    return tuple((h, path) for h, _, path in sorted(files))
 
 
 def load_texts(
