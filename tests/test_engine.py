@@ -234,13 +234,23 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny):
     assert snap["totals"]["failed"] == 2
 
 
-def test_full_queue_refuses_with_engine_overloaded(tiny):
+def test_full_queue_refuses_and_a_queued_request_can_be_cancelled(tiny):
     async def body(engine):
+        running = engine.generate(Request(PROMPTS[0], 500))
+        await running.__anext__()  # admitted: the only row (max_batch_size=1)
+        queued = Request(PROMPTS[1], 8)
+        waiting = asyncio.create_task(collect(engine, queued))
+        while engine.snapshot()["queued"] == 0:
+            await asyncio.sleep(0.001)
         with pytest.raises(EngineOverloaded, match="queue is full"):
             await collect(engine, Request([5, 6], 4))
-        return engine.snapshot()
+        assert engine.cancel(queued.request_id)
+        tokens, _, chunks = await waiting
+        await running.aclose()
+        return tokens, chunks, engine.snapshot()
 
-    snap = run_engine(tiny, body, EngineConfig(max_queue=0))
+    tokens, chunks, snap = run_engine(tiny, body, EngineConfig(max_batch_size=1, max_queue=1))
+    assert tokens == [] and chunks[-1].finish_reason == "cancelled"
     assert snap["totals"]["refused"] == 1
 
 

@@ -1,0 +1,338 @@
+"""The engine's decode loop: one thread that owns the model and its batches.
+
+Each turn of the loop:
+1. admit queued requests while fewer than ``max_batch_size`` rows run (prefill; they join);
+2. drop rows whose request was cancelled (they leave between steps);
+3. step the greedy batch (SDSAT with an adaptive k) and the sampling batch, alternately;
+4. hand each row's new tokens and text to its request's asyncio queue
+   (``loop.call_soon_threadsafe``: no torch work ever runs on an event loop thread).
+
+An exception in a step fails that step's requests with :class:`EngineError`; the loop
+goes on with later requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from .adaptive import AdaptiveK
+from .batch import Batch, Sequence, StepEvent
+from .engine_types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
+from .models import LoadedModel
+from .sampling import SamplingBatch, SamplingParams
+from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ActiveRequest:
+    """A request inside the engine: its sequence and the way back to its consumer."""
+
+    request_id: str
+    sequence: Sequence
+    sampling: SamplingParams | None  # None: greedy
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of Chunk, or the EngineError that ends the request
+    text: TextStream
+    done: bool = False  # its last chunk or its error was handed out, or its consumer left
+
+    @property
+    def mode(self) -> str:
+        if self.sampling is not None:
+            return "sampling"
+        return "sdsat" if self.sequence.stats.num_sat else "plain"
+
+    def push(self, item: Chunk | EngineError) -> bool:
+        """Hand an item to the consumer's event loop; False if that loop is closed."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            return True
+        except RuntimeError:
+            return False
+
+
+class Inbox:
+    """What event loops hand to the engine thread: new requests, cancellations, shutdown.
+    Also the engine's counters. Every method is thread-safe."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.pending: deque[ActiveRequest] = deque()
+        self.cancels: dict[int, str] = {}  # seq_id -> "cancelled" (by id) or "" (consumer left)
+        self.by_id: dict[str, ActiveRequest] = {}  # request_id -> request, while in the engine
+        self.stopping = False
+        self.totals: Counter = Counter()
+
+    def submit(self, active: ActiveRequest) -> None:
+        with self.lock:
+            if self.stopping:
+                raise EngineError("the engine is shut down")
+            if active.request_id in self.by_id:
+                raise ValueError(f"request_id {active.request_id!r} is already in use")
+            if len(self.pending) >= self.max_queue:
+                self.totals["refused"] += 1
+                raise EngineOverloaded(f"the engine's queue is full ({self.max_queue} waiting requests)")
+            self.pending.append(active)
+            self.by_id[active.request_id] = active
+            self.totals["requests"] += 1
+        self.wake.set()
+
+    def withdraw(self, active: ActiveRequest, reason: str) -> bool:
+        """Cancel a request: True if it was still queued (now removed), else its row leaves at
+        the next step boundary."""
+        with self.lock:
+            queued = active in self.pending
+            if queued:
+                self.pending.remove(active)
+                self.by_id.pop(active.request_id, None)
+                self.totals["cancelled"] += 1
+            else:
+                self.cancels[active.sequence.seq_id] = reason
+        self.wake.set()
+        return queued
+
+    def take(self, room: int | None = None) -> list[ActiveRequest]:
+        """Up to ``room`` queued requests (all of them if None), oldest first."""
+        with self.lock:
+            n = len(self.pending) if room is None else min(room, len(self.pending))
+            return [self.pending.popleft() for _ in range(n)]
+
+    def take_cancels(self) -> dict[int, str]:
+        with self.lock:
+            cancels, self.cancels = self.cancels, {}
+        return cancels
+
+    def forget(self, active: ActiveRequest) -> None:
+        active.done = True
+        with self.lock:
+            self.by_id.pop(active.request_id, None)
+
+    def find(self, request_id: str) -> ActiveRequest | None:
+        with self.lock:
+            return self.by_id.get(request_id)
+
+    def count(self, **increments: int) -> None:
+        with self.lock:
+            self.totals.update(increments)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+        self.wake.set()
+
+    def should_stop(self) -> bool:
+        with self.lock:
+            return self.stopping
+
+    def queued(self) -> int:
+        with self.lock:
+            return len(self.pending)
+
+
+class DecodeLoop:
+    """Runs in the engine thread: admits, steps and delivers."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        num_sat: int,
+        inbox: Inbox,
+        on_step: Callable[[StepMetrics], None] | None,
+    ):
+        self.loaded = loaded
+        self.config = config
+        self.inbox = inbox
+        self.on_step = on_step
+        self.num_sat = num_sat  # the largest k; the adaptive choice stays within 0..num_sat
+        self.adaptive = AdaptiveK(num_sat) if config.adaptive else None
+        self.k = num_sat  # k of the latest greedy step
+        self.banned = loaded.sat.unique_ids if loaded.sat else []
+        self.pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+        self.greedy = self._new_batch(Batch)
+        self.sampling = self._new_batch(SamplingBatch)
+        self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
+
+    def _new_batch(self, kind: type[Batch]) -> Batch:
+        return kind(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id)
+
+    def run(self) -> None:
+        while not self.inbox.should_stop():
+            try:
+                self._admit()
+                self._apply_cancels()
+                if not len(self.greedy) and not len(self.sampling):
+                    self.inbox.wake.wait()
+                    self.inbox.wake.clear()
+                    continue
+                self._step(self.greedy)
+                self._step(self.sampling)
+            except Exception as exc:  # a bug outside a step: fail what runs, keep the loop alive
+                log.exception("engine loop failed")
+                self._fail_rows([*self.running], exc)
+        self._drain(EngineError("the engine shut down before this request finished"))
+
+    # ---- joining and leaving -------------------------------------------------------------
+
+    def _admit(self) -> None:
+        taken = self.inbox.take(self.config.max_batch_size - len(self.greedy) - len(self.sampling))
+        self._prefill(self.greedy, [a for a in taken if a.sampling is None])
+        self._prefill(self.sampling, [a for a in taken if a.sampling is not None])
+
+    def _prefill(self, batch: Batch, group: list[ActiveRequest]) -> None:
+        """Let a group join a batch; if its prefill fails, retry one by one and fail only the culprits."""
+        if not group:
+            return
+        sequences = [a.sequence for a in group]
+        try:
+            if isinstance(batch, SamplingBatch):
+                batch.add(sequences, [a.sampling for a in group])
+            else:
+                batch.add(sequences)
+        except Exception as exc:
+            if len(group) > 1:
+                for active in group:
+                    self._prefill(batch, [active])
+                return
+            log.exception("prefill failed for request %s", group[0].request_id)
+            self._fail(group[0], EngineError(f"prefill failed: {exc!r}"))
+            return
+        for active in group:
+            self.running[active.sequence.seq_id] = active
+
+    def _apply_cancels(self) -> None:
+        cancels = self.inbox.take_cancels()
+        if not cancels:
+            return
+        for batch in (self.greedy, self.sampling):
+            for seq in batch.cancel(set(cancels)):
+                active = self.running.pop(seq.seq_id)
+                self.inbox.count(cancelled=1)
+                self._end_cancelled(active, cancels[seq.seq_id])
+
+    def _end_cancelled(self, active: ActiveRequest, reason: str) -> None:
+        """A last chunk (with any held-back text) if cancelled by id; nothing if its consumer left."""
+        self.inbox.forget(active)
+        if reason:
+            active.sequence.finish_reason = reason
+            active.push(self._chunk(active, [], active.text.delta(active.sequence)))
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def _choose_k(self, batch: Batch) -> int:
+        caps = [s.num_sat for s in batch.sequences if s.num_sat is not None]
+        k = self.adaptive.propose(len(batch)) if self.adaptive is not None else self.num_sat
+        return min([k, *caps])
+
+    def _step(self, batch: Batch) -> None:
+        if not len(batch):
+            return
+        greedy = not isinstance(batch, SamplingBatch)
+        k = self._choose_k(batch) if greedy else 0
+        before = {s.seq_id: s.stats.accepted for s in batch.sequences}
+        size = len(batch)
+        start = time.perf_counter()
+        try:
+            events = batch.step(self.loaded.require_sat(k)) if greedy else batch.step()
+        except Exception as exc:
+            log.exception("decode step failed (batch of %d, k=%d)", size, k)
+            self._fail_rows([s.seq_id for s in batch.sequences], exc)
+            return
+        step_s = time.perf_counter() - start
+        accepted = [e.sequence.stats.accepted - before[e.sequence.seq_id] for e in events]  # per row
+        if greedy:
+            self.k = k
+            if self.adaptive is not None:
+                self.adaptive.observe(size, k, step_s, accepted)
+        for event in events:
+            self._deliver(event)
+        self._report(StepMetrics(
+            batch_size=size,
+            k=k,
+            step_s=step_s,
+            new_tokens=sum(len(e.new_ids) for e in events),
+            drafted=k * size,
+            accepted_per_offset=[sum(a > j for a in accepted) for j in range(k)],
+            queue_length=self.inbox.queued(),
+            mode="greedy" if greedy else "sampling",
+        ))
+
+    def _report(self, metrics: StepMetrics) -> None:
+        self.inbox.count(
+            steps=1, tokens=metrics.new_tokens, drafted=metrics.drafted, accepted=sum(metrics.accepted_per_offset)
+        )
+        if self.on_step is not None:
+            try:
+                self.on_step(metrics)
+            except Exception:
+                log.exception("on_step callback failed")
+
+    # ---- handing out ------------------------------------------------------------------
+
+    def _deliver(self, event: StepEvent) -> None:
+        seq = event.sequence
+        active = self.running.get(seq.seq_id)
+        if active is None:
+            return
+        try:
+            text = active.text.delta(seq)
+        except Exception as exc:
+            log.exception("detokenizing request %s failed", active.request_id)
+            self._fail_rows([seq.seq_id], exc)
+            return
+        if not event.new_ids and not text and not seq.finished:
+            return
+        chunk = self._chunk(active, event.new_ids, text)
+        if seq.finished:
+            del self.running[seq.seq_id]
+            self.inbox.count(finished=1)
+            self.inbox.forget(active)
+        if not active.push(chunk) and not seq.finished:  # its event loop is gone: nobody listens
+            self.inbox.withdraw(active, "")
+
+    @staticmethod
+    def _chunk(active: ActiveRequest, token_ids: list[int], text: str) -> Chunk:
+        seq = active.sequence
+        return Chunk(
+            token_ids=list(token_ids),
+            text=text,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            stats={**seq.stats.to_dict(), "mode": active.mode} if seq.finished else None,
+        )
+
+    # ---- failing ----------------------------------------------------------------------
+
+    def _fail_rows(self, seq_ids: list[int], exc: Exception) -> None:
+        """These rows' state is unknown: they leave and their requests fail. An emptied batch
+        starts afresh (its cache may be half-written)."""
+        for batch in (self.greedy, self.sampling):
+            batch.cancel(set(seq_ids), reason="error")
+        for seq_id in seq_ids:
+            active = self.running.pop(seq_id, None)
+            if active is not None:
+                self._fail(active, EngineError(f"decoding failed: {exc!r}"))
+        if not len(self.greedy):
+            self.greedy = self._new_batch(Batch)
+        if not len(self.sampling):
+            self.sampling = self._new_batch(SamplingBatch)
+
+    def _fail(self, active: ActiveRequest, error: EngineError) -> None:
+        self.inbox.count(failed=1)
+        self.inbox.forget(active)
+        active.push(error)
+
+    def _drain(self, error: EngineError) -> None:
+        for active in [*self.inbox.take(), *self.running.values()]:
+            self._fail(active, error)
+        self.running.clear()
