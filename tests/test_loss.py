@@ -24,12 +24,18 @@ def make_batch(lengths=(24, 13, 19), k=4, sat_ids=SATS, seed=0, variable=False, 
     return seqs, collate(rows, 0, dtype)
 
 
-def reference(model, batch, banned, w_std=1.0, w_sat=1.0):
-    """The loss and accuracies from full logits over every position (the slow way)."""
+def full_logits(model, batch, banned):
+    """[B, T, V] fp32 logits at every position, banned ids at finfo.min."""
     logits = model(
         input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=batch["attention_mask"]
     ).logits.float()  # [B, T, V]
     logits[..., banned] = torch.finfo(torch.float32).min
+    return logits
+
+
+def reference(model, batch, banned, w_std=1.0, w_sat=1.0):
+    """The loss and accuracies from full logits over every position (the slow way)."""
+    logits = full_logits(model, batch, banned)
     labels, offset = batch["labels"], batch["sat_offset"]
     ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [B, T]
     std = (labels != IGNORE) & (offset == 0)
@@ -55,6 +61,31 @@ def test_loss_equals_full_logits_reference(arch):
     assert metrics["n_std"] == int(((labels != IGNORE) & (offset == 0)).sum())
     assert metrics["n_sat"] == int(((labels != IGNORE) & (offset > 0)).sum())
     assert sum(metrics["sat_count"]) == metrics["n_sat"] and len(metrics["sat_count"]) == 4
+
+
+def test_teacher_agreement_and_kl_equal_full_logits_reference():
+    model = tiny_model()
+    _, batch = make_batch(variable=True)
+    cfg = LossConfig(w_std=0.0, w_sat=0.0, w_kl=1.0, banned_ids=tuple(SATS))
+    loss, metrics = sdsat_loss(model, batch, cfg)
+    logits = full_logits(model, batch, SATS)  # [B, T, V]
+    labels, offset, positions = batch["labels"], batch["sat_offset"], batch["position_ids"]
+    kl, agree = [], {i: [] for i in range(1, 5)}
+    for b in range(labels.shape[0]):
+        for q in range(labels.shape[1]):
+            if offset[b, q] > 0 and labels[b, q] != IGNORE:
+                teacher = logits[b, positions[b, q]].detach()  # standard position t+i
+                student = logits[b, q]
+                p = teacher.softmax(-1)
+                kl.append((p * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum())
+                agree[int(offset[b, q])].append(float(teacher.argmax() == student.argmax()))
+    ref_kl = torch.stack(kl).mean()
+    torch.testing.assert_close(loss, ref_kl, rtol=1e-4, atol=1e-6)
+    assert metrics["kl_sat"] == pytest.approx(ref_kl.item(), rel=1e-4)
+    assert metrics["sat_agree"] == pytest.approx([sum(v) / len(v) for v in agree.values()])
+    loss.backward()
+    embed_grad = model.get_input_embeddings().weight.grad
+    assert torch.isfinite(embed_grad).all() and embed_grad[SATS].abs().sum(1).gt(0).all()
 
 
 def test_sat_ids_are_never_predicted():
@@ -87,7 +118,7 @@ def test_accuracy_and_ce_of_a_model_that_always_says_7():
     rows = [build_row([7] * 12, SATS, RowConfig(num_sat=3, poisson_lambda=4.0), random.Random(s)) for s in range(3)]
     with torch.no_grad():
         _, metrics = sdsat_loss(model, collate(rows, 0, torch.float32), LossConfig(num_sat=5))
-    assert metrics["sat_acc"][:3] == [1.0, 1.0, 1.0]
+    assert metrics["sat_acc"][:3] == [1.0, 1.0, 1.0] and metrics["sat_agree"][:3] == [1.0, 1.0, 1.0]
     assert math.isnan(metrics["sat_acc"][3]) and metrics["sat_count"][3:] == [0, 0]
     expected_ce = math.log(math.e + (256 - 1 - 3)) - 1.0  # 3 SAT ids in the batch are banned
     assert metrics["ce_std"] == pytest.approx(expected_ce) and metrics["ce_sat"] == pytest.approx(expected_ce)
@@ -133,6 +164,8 @@ def test_bad_config_is_refused():
         LossConfig(w_std=0, w_sat=0)
     with pytest.raises(ValueError, match="weights"):
         LossConfig(w_std=-1)
+    with pytest.raises(ValueError, match="w_kl=-1"):
+        LossConfig(w_kl=-1)
     model = tiny_model()
     _, batch = make_batch(k=4)
     with pytest.raises(ValueError, match="num_sat=2"):
