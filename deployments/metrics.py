@@ -38,6 +38,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self._local = Tally()
         self._finish = Tally()
+        self._batch_sizes = Tally()  # batch size -> steps
         self._accepted_per_offset: list[int] = []
 
     def on_step(self, step) -> None:
@@ -58,7 +59,7 @@ class ServerMetrics:
             self._local["steps"] += 1
             self._local["tokens"] += step.new_tokens
             self._local["drafted"] += step.drafted
-            self._local["max_batch_size"] = max(self._local["max_batch_size"], step.batch_size)
+            self._batch_sizes[step.batch_size] += 1
             self._local["max_queue_length"] = max(self._local["max_queue_length"], step.queue_length)
             grow = len(step.accepted_per_offset) - len(self._accepted_per_offset)
             self._accepted_per_offset += [0] * max(0, grow)
@@ -78,5 +79,7 @@ class ServerMetrics:
         with self._lock:
             out = dict(self._local)
             out["finished"] = dict(self._finish)
+            out["steps_by_batch_size"] = dict(sorted(self._batch_sizes.items()))
+            out["max_batch_size"] = max(self._batch_sizes, default=0)
             out["accepted_per_offset"] = list(self._accepted_per_offset)
         return out

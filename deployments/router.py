@@ -6,28 +6,26 @@ against the model by the model replica, whose first streamed item says whether i
 request. Streaming answers are server-sent events ending with ``data: [DONE]``.
 """
 
-
 import asyncio
-import hmac
 import logging
 import uuid
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import errors
+from deployments import auth, errors, stream
 from deployments.errors import APIError
 from deployments.schemas import ChatCompletionRequest, CompletionRequest, GenerationParams, ModelCard, ModelList
-from deployments import stream
 from deployments.stream import Collected, Formatter
 
 log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="SDSAT", description="OpenAI-compatible speculative decoding with semantic adaptive tokens.")
 errors.install(app)
+app.middleware("http")(auth.authenticate)
 
 
 @dataclass
@@ -37,19 +35,6 @@ class RouterSettings:
     health_timeout_s: float = 10.0
 
 
-@app.middleware("http")
-async def _authenticate(request: Request, call_next):
-    key = getattr(app.state, "api_key", None)
-    if key and not request.url.path.endswith("/health"):
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            reason = "missing" if not header else "invalid"
-            message = f"{reason} API key: send the header 'Authorization: Bearer <key>'"
-            return APIError(401, message, None, "invalid_api_key").response()
-    return await call_next(request)
-
-
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
@@ -57,7 +42,7 @@ class Router:
         self.server = server
         self.settings = settings
         self.info: dict | None = None
-        app.state.api_key = settings.api_key or None
+        auth.configure(settings.api_key)
 
     async def _model_info(self) -> dict:
         if self.info is None:
