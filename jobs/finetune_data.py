@@ -1,0 +1,85 @@
+"""Driver-side preparation of a fine-tuning run: everything that can refuse a bad config
+is checked here, before any Ray worker starts (model, SAT count, data, resume, export)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jobs.finetune_config import FinetuneConfig
+from jobs.train_checkpoint import find_checkpoint, read_state
+from sdsat.data import load_texts, pack
+from sdsat.models import resolve_path
+from sdsat.sat import CONFIG_FILE, SATConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    run_name: str
+    run_dir: Path
+    export_dir: Path
+    train_rows: np.ndarray  # [N, row_len] int32 token rows
+    val_rows: np.ndarray | None  # [M, row_len], None without validation
+    resume_from: str | None  # a checkpoint directory
+    model_sats: int  # SATs the base model already has (0: they are added)
+
+
+def prepare(cfg: FinetuneConfig) -> Plan:
+    tokenizer, model_sats = check_model(cfg)
+    train_rows = packed_rows(cfg, tokenizer, "train")
+    val_rows = packed_rows(cfg, tokenizer, "validation") if cfg.eval_every else None
+    name = cfg.run_name()
+    run_dir = Path(cfg.storage_path).expanduser() / name
+    export_dir = Path(cfg.export_dir).expanduser() if cfg.export_dir else run_dir / "export"
+    check_export_dir(export_dir)
+    resume = str(check_resume(cfg)) if cfg.resume_from else None
+    return Plan(name, run_dir, export_dir, train_rows, val_rows, resume, model_sats)
+
+
+def check_model(cfg: FinetuneConfig):
+    """The base model's tokenizer and SAT count; refuses an unknown model or k beyond its SATs."""
+    from transformers import AutoTokenizer
+
+    try:
+        path = resolve_path(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model={cfg.model!r}: cannot load it ({exc})") from None
+    sat = SATConfig.load(path) if Path(path).is_dir() else None
+    if sat is not None and cfg.num_sat > sat.num_sat:
+        raise ValueError(f"num_sat={cfg.num_sat} is larger than the {sat.num_sat} SATs of model {cfg.model!r}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, sat.num_sat if sat else 0
+
+
+def packed_rows(cfg: FinetuneConfig, tokenizer, split: str) -> np.ndarray:
+    """Token rows of row_len; ValueError for an unknown dataset or an empty/too small corpus."""
+    texts = load_texts(cfg.dataset, split, text_field=cfg.text_field, chat=cfg.chat, tokenizer=tokenizer, limit=cfg.max_texts)
+    try:
+        ds = pack(texts, tokenizer, cfg.row_len)
+    except ValueError as exc:
+        raise ValueError(f"dataset={cfg.dataset!r} ({split}): {exc}") from None
+    rows = np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int32)
+    log.info("%s: %d texts -> %d rows of %d tokens", split, len(texts), len(rows), cfg.row_len)
+    return rows
+
+
+def check_export_dir(export_dir: Path) -> None:
+    """Never overwrite something that is not an earlier export of this job."""
+    if export_dir.exists() and any(export_dir.iterdir()) and not (export_dir / CONFIG_FILE).exists():
+        raise ValueError(f"export_dir {export_dir} exists and is not an SDSAT export: choose another directory")
+
+
+def check_resume(cfg: FinetuneConfig) -> Path:
+    checkpoint = find_checkpoint(cfg.resume_from)
+    saved = read_state(checkpoint)["config"]
+    for field in ("model", "num_sat", "train", "sat_repeated"):
+        if saved.get(field) != getattr(cfg, field):
+            raise ValueError(f"resume_from {checkpoint}: it was trained with {field}={saved.get(field)!r}, this run has {getattr(cfg, field)!r}")
+    return checkpoint

@@ -1,0 +1,111 @@
+"""Per-worker set-up of a fine-tuning run: the model with its SATs, what trains, the
+parallel wrapper, the optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from sdsat.loss import LossConfig, sdsat_loss
+from sdsat.models import LoadedModel, load_model
+from sdsat.sat import add_sat_tokens
+
+log = logging.getLogger(__name__)
+
+
+class LossModule(torch.nn.Module):
+    """The model plus the SDSAT loss, so DDP/FSDP see the loss computation as one forward."""
+
+    def __init__(self, model: torch.nn.Module, loss_cfg: LossConfig):
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+
+    def forward(self, batch: dict):
+        return sdsat_loss(self.model, batch, self.loss_cfg)
+
+
+def build_model(cfg: dict) -> LoadedModel:
+    """The base model in fp32 on CPU, with its SATs (added, seeded, when it has none)."""
+    loaded = load_model(cfg["model"], dtype="float32", device="cpu", attn_implementation=cfg["attn_implementation"])
+    if loaded.sat is None:
+        loaded.sat = add_sat_tokens(
+            loaded.model,
+            loaded.tokenizer,
+            cfg["num_sat"],
+            repeated=cfg["sat_repeated"],
+            init=cfg["sat_init"],
+            seed=cfg["seed"],
+            base_model=cfg["model"],
+        )
+    loaded.sat.ids_for(cfg["num_sat"])  # refuses k beyond the model's SATs
+    return loaded
+
+
+def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> dict:
+    """Set requires_grad for the training mode; return the optimizer options (lr, weight_decay)
+    of the trainable parameters (collected after wrapping: FSDP replaces parameters).
+
+    full: every parameter, one group at lr.
+    sat_embeddings: only the input embedding trains, and a gradient hook zeroes every row
+    but the SAT rows, so the base model stays bit-identical (AdamW moves a row only when
+    it has had a gradient; weight decay is off for this group).
+    """
+    if cfg["train"] == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]}
+    if cfg["train"] == "sat_embeddings":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        weight = model.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        row_mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # [V, 1]
+        row_mask[sorted(set(sat_ids))] = 1.0
+        weight.register_hook(lambda grad: grad * row_mask.to(grad.device, grad.dtype))
+        return {"lr": cfg["sat_lr"] or cfg["lr"], "weight_decay": 0.0}
+    raise ValueError(f"unknown train mode {cfg['train']!r}; choose full or sat_embeddings")
+
+
+def wrap(module: LossModule, cfg: dict, device: torch.device, world_size: int) -> torch.nn.Module:
+    """DDP (replicas, gradient all-reduce) or FSDP2 (one shard group per decoder layer)."""
+    module.to(device)
+    if world_size == 1:
+        return module
+    if cfg["strategy"] == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device] if device.type == "cuda" else None
+        # Buffers (rotary tables) are the same on every rank: no per-forward broadcast.
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(module.model, "_no_split_modules", None) or [])
+    layers = [m for m in module.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"strategy=fsdp: cannot find the decoder layers of {type(module.model).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(module)
+    log.info("FSDP: %d decoder layers sharded over %d workers", len(layers), world_size)
+    return module
+
+
+def make_optimizer(module: torch.nn.Module, options: dict, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=device.type == "cuda", **options)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to each group's lr, then cosine decay to min_lr_ratio of it at max_steps."""
+    warmup, total, floor = cfg["warmup_steps"], cfg["max_steps"], cfg["min_lr_ratio"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

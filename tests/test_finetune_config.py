@@ -1,0 +1,147 @@
+"""The fine-tuning config and the refusals that happen before any Ray worker starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from jobs.finetune import check_resources, main
+from jobs.finetune_config import FinetuneConfig, build_parser, load_config, parse_args
+from jobs.finetune_data import prepare
+from sdsat.models import LoadedModel, save_model
+from sdsat.sat import SATConfig
+from tests.conftest import tiny_model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A real, saveable byte-level tokenizer: 256 byte tokens plus <eos> (id 256)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<eos>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", model_max_length=1024)
+
+
+def save_tiny_checkpoint(directory, sat: SATConfig | None = None):
+    """A tiny random Llama with a byte tokenizer, saved so that load_model(directory) works."""
+    save_model(LoadedModel(tiny_model(vocab=257), tiny_tokenizer(), sat, "tiny", ""), directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def test_defaults_yaml_and_flags_layer(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("num_sat: 3\nlr: 2.0e-4\nmax_steps: 17\n")
+    cfg, _ = parse_args(["--config", str(cfg_file), "--max-steps", "19", "--train", "sat_embeddings", "--sat-lr", "1e-2"])
+    assert (cfg.num_sat, cfg.lr, cfg.max_steps, cfg.train, cfg.sat_lr) == (3, 2e-4, 19, "sat_embeddings", 1e-2)
+    assert cfg.row_len == FinetuneConfig().row_len
+    assert load_config(overrides={"export_dir": "none", "fail_at_step": "null"}).export_dir is None
+
+
+def test_help_documents_every_field():
+    text = build_parser().format_help()
+    for name, field in FinetuneConfig.model_fields.items():
+        assert field.description, name
+        assert f"--{name.replace('_', '-')}" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"nmu_sat": 3}, "nmu_sat"),
+        ({"num_sat": 8, "row_len": 9}, "row_len=9 is shorter than num_sat"),
+        ({"num_sat": 0}, "num_sat"),
+        ({"train": "lora"}, "train"),
+        ({"strategy": "fsdp", "train": "sat_embeddings"}, "strategy=fsdp"),
+        ({"sat_lr": 0.1}, "sat_lr applies only"),
+        ({"warmup_steps": 50, "max_steps": 10}, "warmup_steps"),
+        ({"fail_at_step": 11, "max_steps": 10}, "fail_at_step"),
+        ({"lr": "fast"}, "lr"),
+    ],
+)
+def test_bad_values_are_refused_with_the_field_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_load():
+    for name in ("configs/finetune_default.yaml", "configs/finetune_7b_gpu.yaml"):
+        load_config(name)
+
+
+def _cfg(model, **overrides):
+    base = dict(model=model, num_sat=4, row_len=32, max_texts=4, eval_every=0)
+    return load_config(overrides=base | overrides)
+
+
+def test_prepare_packs_rows_and_checks_model(tiny_ckpt, tmp_path):
+    plan = prepare(_cfg(tiny_ckpt, storage_path=str(tmp_path), eval_every=5))
+    assert plan.train_rows.shape[1] == 32 and len(plan.train_rows) > 10
+    assert plan.val_rows is not None and plan.val_rows.shape[1] == 32
+    assert plan.model_sats == 0 and plan.export_dir == tmp_path / plan.run_name / "export"
+
+
+def test_refuses_unknown_dataset_and_empty_corpus(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        prepare(_cfg(tiny_ckpt, dataset=str(tmp_path / "nope.jsonl")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(ValueError, match="empty corpus"):
+        prepare(_cfg(tiny_ckpt, dataset=str(empty)))
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(ValueError, match="too small"):
+        prepare(_cfg(tiny_ckpt, dataset=str(short)))
+
+
+def test_refuses_k_beyond_the_models_sats_and_unknown_model(tmp_path):
+    with_sats = save_tiny_checkpoint(tmp_path / "m", SATConfig(sat_ids=[250, 251], sat_tokens=["<sat_1>", "<sat_2>"]))
+    with pytest.raises(ValueError, match="larger than the 2 SATs"):
+        prepare(_cfg(with_sats))
+    with pytest.raises(ValueError, match="cannot load"):
+        prepare(_cfg(str(tmp_path / "no_model")))
+
+
+def test_refuses_foreign_export_dir_and_bad_resume(tiny_ckpt, tmp_path):
+    foreign = tmp_path / "out"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an SDSAT export"):
+        prepare(_cfg(tiny_ckpt, export_dir=str(foreign)))
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        prepare(_cfg(tiny_ckpt, resume_from=str(foreign)))
+
+
+def test_main_refuses_before_starting_ray(tiny_ckpt, tmp_path, capsys):
+    assert main(["--model", tiny_ckpt, "--num-sat", "4", "--row-len", "5"]) == 2
+    assert "row_len=5 is shorter" in capsys.readouterr().err
+    assert main(["--model", tiny_ckpt, "--num-sat", "4", "--dataset", str(tmp_path / "x")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_refuses_workers_the_cluster_cannot_place():
+    cfg = load_config(overrides={"num_workers": 4})
+    with pytest.raises(ValueError, match="need 4 CPU but the cluster has 2"):
+        check_resources(cfg, {"CPU": 2.0})
+    with pytest.raises(ValueError, match="GPU"):
+        check_resources(load_config(overrides={"use_gpu": True}), {"CPU": 8.0})
+    check_resources(load_config(overrides={"num_workers": 2}), {"CPU": 2.0})
