@@ -37,7 +37,9 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            self.stop = ()
+        elif isinstance(self.stop, str):
             self.stop = (self.stop,)
         elif isinstance(self.stop, list):
             self.stop = tuple(self.stop)

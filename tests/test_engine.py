@@ -286,12 +286,17 @@ def test_default_model_concurrent_equals_alone(default_fp32):
     prompts = [tok.encode(t) for t in texts]
     steps = []
 
+    stops = [(), ("\n",), (), (",", ".")]
+
     async def body(engine):
-        return await asyncio.gather(*[collect(engine, Request(p, 24)) for p in prompts])
+        return await asyncio.gather(*[collect(engine, Request(p, 24, stop=s)) for p, s in zip(prompts, stops)])
 
     results = run_engine(default_fp32, body, EngineConfig(num_sat=4), steps.append)
-    for prompt, (tokens, text, _) in zip(prompts, results):
-        ref = alone(default_fp32, prompt, n=24)
+    for prompt, stop, (tokens, text, chunks) in zip(prompts, stops, results):
+        ref = alone(default_fp32, prompt, n=24, stop=stop)
         assert tokens == ref.output_ids
         assert text == ref.text(tok)
+        assert chunks[-1].finish_reason == ref.finish_reason
+        assert not any(s in text for s in stop)
+    assert [r[2][-1].finish_reason for r in results][1::2] == ["stop", "stop"]  # " Paris." and ","
     assert max(s.batch_size for s in steps) > 1
