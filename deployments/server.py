@@ -46,9 +46,9 @@ class ServerSettings:
 def find_default_export() -> Path | None:
     """The fine-tuned default model, if one was exported; else None.
 
-    Looked for, in order: $SDSAT_DEFAULT_EXPORT, then ``<sdsat cache>/exports/default`` and
-    ``<repo>/exports/default`` (where ``jobs/finetune.py`` exports it). A directory counts when
-    it holds a checkpoint with trained SATs.
+    Looked for, in order: $SDSAT_DEFAULT_EXPORT, ``<sdsat cache>/exports/default``, then
+    ``<repo>/exports/default`` (pass one of them as ``jobs/finetune.py``'s export_dir). A
+    directory counts when it holds a checkpoint whose SATs were trained.
     """
     import os
 

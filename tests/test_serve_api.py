@@ -298,3 +298,19 @@ def test_prometheus_metrics_exported(served):
         time.sleep(1)
     assert not missing, f"metrics not exported: {missing}"
     assert 'deployment="SDSATServer"' in text
+
+
+def test_load_test_job(served, tmp_path):
+    from jobs.load_test import main
+
+    out = tmp_path / "load.json"
+    argv = ["--url", served["base"], "--concurrency", "1,2", "--requests", "3", "--max-tokens", "8", "--prompts", "builtin"]
+    report = main([*argv, "--json", str(out)])
+    rows = report["results"]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [(1, "plain"), (1, "sdsat"), (2, "plain"), (2, "sdsat")]
+    assert [r["num_sat"] for r in rows] == [0, 4, 0, 4]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] == 3
+        assert row["output_tokens"] > 0 and row["tokens_per_s"] > 0
+        assert row["ttft_p50_s"] is not None and row["ttft_p99_s"] >= row["ttft_p50_s"]
+    assert json.loads(out.read_text())["speedup"].keys() == {"1", "2"}
