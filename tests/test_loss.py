@@ -151,12 +151,21 @@ def test_standard_weight_zero_trains_only_through_sat_labels():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_loss_is_finite():
+def test_bf16_weights_and_bf16_autocast_give_finite_losses():
     model = tiny_model().to(torch.bfloat16)
     _, batch = make_batch(dtype=torch.bfloat16)
-    loss, metrics = sdsat_loss(model, batch, LossConfig())
+    loss, metrics = sdsat_loss(model, batch, LossConfig(w_kl=1.0))
     loss.backward()
     assert math.isfinite(loss.item()) and math.isfinite(metrics["ce_sat"])
+    for attn in ("eager", "sdpa"):  # fp32 weights, fp32 mask, bf16 autocast (mixed-precision training)
+        model = tiny_model()
+        model.set_attn_implementation(attn)
+        _, batch = make_batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, metrics = sdsat_loss(model, batch, LossConfig(w_kl=1.0))
+        loss.backward()
+        assert metrics["ce_std"] == pytest.approx(reference(model, batch, SATS)[1], rel=0.02)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_bad_config_is_refused():
