@@ -74,15 +74,14 @@ def load_texts(
     if source == "stdlib":
         texts = _stdlib_texts(split, val_fraction, limit)
     else:
-        records = _local_records(source, split, val_fraction) if _is_local(source) else None
-        if records is None:
-            records = _hub_records(source, split, val_fraction)
+        local = _is_local(source)
+        records = _local_records(source, split, val_fraction) if local else _hub_records(source, split, val_fraction)
         texts = []
         for key, record in records:
-            texts.append(_record_text(record, field, chat, tokenizer, f"{source} ({key})"))
+            text = _record_text(record, field, chat, tokenizer, f"{source} ({key})")
+            texts += [text] if text.strip() else []
             if limit is not None and len(texts) >= limit:
                 break
-    texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError(f"data source {source!r} has no texts in split {split!r} (empty corpus)")
     return texts

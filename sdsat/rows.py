@@ -30,7 +30,7 @@ class RowConfig:
     poisson_lambda: float = 12.0  # mean number of SAT blocks per row
     max_blocks: int = 64  # blocks per row are clipped to [1, max_blocks]
     variable_length: bool = False  # False: every block has k SATs; True: length uniform in 1..k
-    seed: int = 0
+    seed: int = 0  # for the caller's random.Random that build_row draws from
 
     def __post_init__(self):
         if self.num_sat < 1:
