@@ -1,57 +1,113 @@
-"""The main job on the embedded default model: plain greedy vs SDSAT, side by side.
+"""The main job: serve the embedded default model with SDSAT on a local Ray and query it.
 
-    python jobs/demo.py [--model default] [--num-sat 5] [--dtype bfloat16] [--max-new-tokens 96]
+Starts a local Ray cluster and the Serve app (deployments.sdsat), sends a few requests with
+the stock ``openai`` client, once with drafting off (num_sat=0) and once with SDSAT, prints
+the answers with speed and acceptance, and shuts everything down it started.
+
+    python jobs/demo.py [--model default] [--dtype bfloat16] [--max-tokens 96] [--port 8000]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import time
-
-from sdsat.generate import generate, make_sequences
-from sdsat.models import load_model
 
 PROMPTS = [
     "def is_prime(n: int) -> bool:\n",
     "from typing import List\n\n\ndef mean(values: List[float]) -> float:\n",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "import os\n\n\ndef list_python_files(root: str) -> list[str]:\n",
 ]
+CHAT = "What is the capital of France? Answer in one sentence."
+
+
+def free_port(preferred: int) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ask(client, model: str, prompt: str, max_tokens: int, num_sat: int | None) -> tuple[str, dict, float, int]:
+    extra = {} if num_sat is None else {"num_sat": num_sat}
+    start = time.perf_counter()
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra)
+    elapsed = time.perf_counter() - start
+    return out.choices[0].text, (out.model_extra or {}).get("sdsat") or {}, elapsed, out.usage.completion_tokens
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--num-sat", type=int, default=5)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--port", type=int, default=8000)
     args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, local, loopback-only cluster
 
-    loaded = load_model(args.model, dtype=args.dtype, add_sat=args.num_sat)
-    trained = bool(loaded.sat and loaded.sat.num_sat_trained)
-    print(f"model {args.model} ({loaded.path}), {args.dtype}, k={args.num_sat}, SATs trained: {trained}")
-    prompts = [loaded.tokenizer.encode(p) for p in PROMPTS]
-    generate(loaded, make_sequences(loaded, prompts[:1], 4), args.num_sat)  # warm-up
+    import openai
+    import ray
+    from ray import serve
 
-    results = {}
-    for name, k in (("plain", 0), ("sdsat", args.num_sat)):
-        seqs = make_sequences(loaded, prompts, args.max_new_tokens)
-        start = time.perf_counter()
-        for seq in seqs:  # batch 1, as the paper measures
-            generate(loaded, [seq], k)
-        results[name] = (seqs, time.perf_counter() - start)
+    from deployments.sdsat import build_app
 
-    (plain, plain_s), (sdsat, sdsat_s) = results["plain"], results["sdsat"]
-    for text, a, b in zip(PROMPTS, plain, sdsat):
+    port = free_port(args.port)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        print(f"starting the SDSAT app for model {args.model!r} ({args.dtype}) on http://127.0.0.1:{port} ...")
+        serve.run(build_app({"model": args.model, "dtype": args.dtype, "cpus_per_replica": 1}), blocking=False)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        wait_ready(client)
+        model = client.models.list().data[0].id
+        print(f"serving {model}\n")
+        ask(client, model, PROMPTS[0], 8, None)  # warm-up
+
+        totals = {"plain": [0, 0.0], "sdsat": [0, 0.0]}
+        for prompt in PROMPTS:
+            _, _, plain_s, plain_n = ask(client, model, prompt, args.max_tokens, 0)
+            text, stats, sdsat_s, sdsat_n = ask(client, model, prompt, args.max_tokens, None)
+            totals["plain"][0] += plain_n
+            totals["plain"][1] += plain_s
+            totals["sdsat"][0] += sdsat_n
+            totals["sdsat"][1] += sdsat_s
+            print("=" * 72)
+            print(prompt + text)
+            print(f"--- SDSAT {sdsat_n / sdsat_s:.1f} tok/s vs plain {plain_n / plain_s:.1f} tok/s; "
+                  f"tau {stats.get('tau', 0):.2f}, accepted {stats.get('accepted', 0)}/{stats.get('drafted', 0)} drafts")
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": CHAT}], max_tokens=48, temperature=0
+        )
         print("=" * 72)
-        print(text + b.text(loaded.tokenizer))
-        print(f"--- same as plain greedy: {a.output_ids == b.output_ids}; tau {b.stats.tau:.2f}, "
-              f"accepted {b.stats.accepted}/{b.stats.drafted} drafts")
-    plain_tps = sum(len(s.output_ids) for s in plain) / plain_s
-    sdsat_tps = sum(len(s.output_ids) for s in sdsat) / sdsat_s
-    print("=" * 72)
-    print(f"plain {plain_tps:.1f} tok/s, SDSAT {sdsat_tps:.1f} tok/s: {sdsat_tps / plain_tps:.2f}x")
+        print(f"chat: {CHAT}\n-> {chat.choices[0].message.content}")
+        plain_tps = totals["plain"][0] / totals["plain"][1]
+        sdsat_tps = totals["sdsat"][0] / totals["sdsat"][1]
+        print("=" * 72)
+        print(f"over HTTP, batch 1: plain {plain_tps:.1f} tok/s, SDSAT {sdsat_tps:.1f} tok/s ({sdsat_tps / plain_tps:.2f}x)")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        print("Serve and the local Ray cluster are shut down.")
+
+
+def wait_ready(client, timeout_s: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    url = str(client.base_url).removesuffix("/v1/").removesuffix("/v1") + "/health"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the app did not become healthy within {timeout_s:.0f}s ({url})")
 
 
 if __name__ == "__main__":
