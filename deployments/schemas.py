@@ -33,7 +33,9 @@ class GenerationParams(BaseModel):
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before any of them.")
-    seed: int | None = Field(None, description="Random seed for sampling (reproducible outputs).")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="Random seed for sampling (a 64-bit integer; reproducible outputs)."
+    )
     n: int = Field(1, description="Number of choices; only 1 is supported.")
     stream: bool = Field(False, description="Stream server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (OpenAI's include_usage).")

@@ -137,6 +137,15 @@ def test_num_sat_zero_is_plain_and_sampling_says_so(served):
     assert sampled[0].choices[0].text == sampled[1].choices[0].text  # same seed, same text
 
 
+def test_stop_strings_cut_the_text(served):
+    loaded = served["loaded"]
+    full = reference_text(loaded, loaded.tokenizer.encode("Once upon a time"), 40)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    out = client(served["base"]).completions.create(model=TINY, prompt="Once upon a time", max_tokens=40, stop=[stop])
+    assert out.choices[0].text == full[: full.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
 def test_concurrent_requests_batch_and_match_sequential(served):
     base = served["base"]
     prompts = [f"Item {i}: the {'quick ' * (i % 5)}brown fox number {i * 7}" for i in range(16)]
@@ -179,6 +188,7 @@ BAD_COMPLETIONS = [
     ({"model": TINY, "prompt": "x", "num_sat": -1}, 400, "num_sat", "num_sat"),
     ({"model": TINY, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
     ({"model": TINY, "prompt": "x", "stream": "yes please"}, 400, "stream", "stream"),
+    ({"model": TINY, "prompt": "x", "temperature": 1, "seed": 2**64}, 400, "seed", "seed"),
 ]
 BAD_CHATS = [
     ({"model": TINY}, 400, "messages", "messages"),
