@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from .adapter import ATTR as ADAPTER_ATTR
+from .adapter import AdapterConfig, attach_adapter, get_adapter, has_adapter_file
 from .default_model import DEFAULT_NAME, default_checkpoint
-from .sat import SATConfig, add_sat_tokens
+from .sat import CONFIG_FILE, SATConfig, add_sat_tokens
 
 log = logging.getLogger(__name__)
+
+BASE_NAME = "default-base"  # the default model without the shipped SAT artifact
+# The shipped artifact of the default model: SAT rows and adapter (sdsat_config.json +
+# sdsat_adapter.safetensors), made by jobs/finetune.py --config configs/finetune_artifact.yaml.
+DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "default"
 
 DTYPES = {
     "float32": torch.float32,
@@ -65,11 +72,17 @@ def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") ->
 
 
 def resolve_path(name: str) -> str:
-    """A local checkpoint directory, or a hub id left for transformers to resolve."""
-    if name == DEFAULT_NAME:
+    """A local checkpoint directory, or a hub id left for transformers to resolve.
+
+    "default" and "default-base" both resolve to the base default checkpoint; a SAT
+    artifact directory (sdsat_config.json without config.json) to its base model's.
+    """
+    if name in (DEFAULT_NAME, BASE_NAME):
         return str(default_checkpoint())
     expanded = Path(name).expanduser()
     if expanded.exists():
+        if is_sat_artifact(expanded):
+            return resolve_path(SATConfig.load(expanded).base_model)
         if not (expanded / "config.json").exists():
             raise FileNotFoundError(f"{name}: not a model checkpoint directory (no config.json)")
         return str(expanded)
@@ -77,6 +90,22 @@ def resolve_path(name: str) -> str:
     if looks_like_path:
         raise FileNotFoundError(f"model path {name!r} does not exist")
     return name
+
+
+def is_sat_artifact(directory: str | Path) -> bool:
+    """A directory holding only SATs (and an adapter) for a base model named in its config."""
+    directory = Path(directory)
+    return (directory / CONFIG_FILE).exists() and not (directory / "config.json").exists()
+
+
+def artifact_dir(name: str) -> Path | None:
+    """The SAT artifact a model name brings along: the shipped one for "default" (when
+    present), the directory itself for an artifact directory, else None."""
+    if name == DEFAULT_NAME:
+        return DEFAULT_ARTIFACT if (DEFAULT_ARTIFACT / CONFIG_FILE).exists() else None
+    if name != BASE_NAME and Path(name).expanduser().is_dir() and is_sat_artifact(Path(name).expanduser()):
+        return Path(name).expanduser()
+    return None
 
 
 def load_model(
@@ -90,7 +119,11 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer and SAT config.
 
+    name: "default" (the default model with its shipped SAT artifact, if the repo has one),
+    "default-base" (the default model alone), a checkpoint directory, a SAT artifact
+    directory (SATs and adapter for the base model it names), or a Hugging Face id.
     add_sat: if the checkpoint has no SATs, add this many untrained ones (0: add none).
+    A checkpoint or artifact with a SAT adapter gets it attached (it acts only at SAT positions).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +144,17 @@ def load_model(
         tokenizer.model_max_length = max_positions
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    sat = SATConfig.load(path) if Path(path).is_dir() else None
+    artifact = artifact_dir(name)
+    sat_dir = artifact or (Path(path) if Path(path).is_dir() else None)
+    sat = SATConfig.load(sat_dir) if sat_dir is not None else None
+    if artifact is not None:
+        _add_artifact_tokens(model, tokenizer, sat, artifact)
+    if sat is not None and sat.adapter:
+        if not has_adapter_file(sat_dir):
+            raise FileNotFoundError(f"{sat_dir}: its {CONFIG_FILE} names an adapter but the weights file is missing")
+        adapter = attach_adapter(model, sat.sat_ids, AdapterConfig(**sat.adapter))
+        adapter.load_weights(sat_dir)
+        model.eval()
     if sat is None and add_sat:
         sat = add_sat_tokens(model, tokenizer, add_sat, repeated=sat_repeated, base_model=name)
         log.warning("model %s: added %d untrained SATs (drafts will rarely be accepted)", name, add_sat)
@@ -120,12 +163,46 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, sat=sat, source=name, path=path)
 
 
+def _add_artifact_tokens(model, tokenizer, sat: SATConfig, artifact: Path) -> None:
+    """Add an artifact's SAT tokens to its base model; they must get the ids it was trained with."""
+    added = add_sat_tokens(model, tokenizer, sat.num_sat, repeated=sat.repeated, base_model=sat.base_model)
+    if added.sat_ids != sat.sat_ids or added.sat_tokens != sat.sat_tokens:
+        raise ValueError(f"{artifact}: its SATs {sat.sat_tokens} {sat.sat_ids} do not fit the base model's tokenizer "
+                         f"(adding them gave ids {added.sat_ids})")
+
+
 def save_model(loaded: LoadedModel, directory: str | Path) -> Path:
-    """Save model, tokenizer and SAT config as a plain Hugging Face checkpoint directory."""
+    """Save model, tokenizer and SAT config as a plain Hugging Face checkpoint directory.
+
+    A SAT adapter goes to its own file (sdsat_adapter.safetensors), not into the model's weights.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out)
+    adapter = get_adapter(loaded.model)
+    if adapter is not None:
+        delattr(loaded.model, ADAPTER_ATTR)  # keep its tensors out of model.safetensors
+    try:
+        loaded.model.save_pretrained(out)
+    finally:
+        if adapter is not None:
+            setattr(loaded.model, ADAPTER_ATTR, adapter)
     loaded.tokenizer.save_pretrained(out)
+    if adapter is not None:
+        adapter.save(out, dtype=loaded.dtype)
     if loaded.sat is not None:
-        loaded.sat.save(out)
+        replace(loaded.sat, adapter=adapter.cfg.to_dict() if adapter is not None else {}).save(out)
+    return out
+
+
+def save_artifact(loaded: LoadedModel, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save only what SATs add to the base model: sdsat_config.json (whose base_model names
+    the base) and the adapter's weights (SAT rows and low-rank deltas) in ``dtype``.
+    load_model(directory) loads the base model with them applied."""
+    adapter = get_adapter(loaded.model)
+    if adapter is None or loaded.sat is None:
+        raise ValueError("only a model with SATs and a SAT adapter can be saved as an artifact (train: sat_adapter)")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.save(out, dtype=dtype)
+    replace(loaded.sat, adapter=adapter.cfg.to_dict()).save(out)
     return out

@@ -32,6 +32,7 @@ class SATConfig:
     base_model: str = ""
     repeated: bool = False
     recipe: dict = field(default_factory=dict)
+    adapter: dict = field(default_factory=dict)  # AdapterConfig fields; empty: no SAT adapter
     format_version: int = FORMAT_VERSION
 
     @property

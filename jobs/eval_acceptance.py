@@ -1,0 +1,62 @@
+"""Acceptance of a model's SAT drafts on a few prompts: a quick check between recipes.
+
+    python jobs/eval_acceptance.py --model DIR --prompts humaneval:5 --num-sat 5 --dtype bfloat16
+
+Decodes with SDSAT only (no plain baseline, no timing) and prints tau (new tokens per
+iteration), mean accepted drafts per iteration and acceptance per offset: the numbers
+that decide the speed-up. jobs/bench.py confirms with timings and exactness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.bench import load_prompts  # noqa: E402
+from sdsat.generate import generate, make_sequences  # noqa: E402
+from sdsat.models import load_model  # noqa: E402
+from sdsat.stats import DecodeStats  # noqa: E402
+
+
+def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int) -> dict:
+    """SDSAT-decode each prompt (batch 1) and sum the decoding statistics."""
+    total = DecodeStats()
+    for text in prompts:
+        seqs = make_sequences(loaded, [loaded.tokenizer.encode(text)], max_new_tokens)
+        generate(loaded, seqs, num_sat)
+        total.add(seqs[0].stats)
+    iterations = max(total.iterations, 1)
+    return {
+        "tau": total.tau,
+        "accepted_per_iteration": total.accepted / iterations,
+        "accept_rate_per_offset": total.accept_rate_per_offset,
+        "iterations": total.iterations,
+        "new_tokens": total.new_tokens,
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--prompts", default="humaneval:5")
+    p.add_argument("--num-sat", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    loaded = load_model(args.model, dtype=args.dtype)
+    result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens)
+    result.update(model=args.model, prompts=args.prompts, k=args.num_sat, dtype=args.dtype)
+    rates = " ".join(f"{r:.2f}" for r in result["accept_rate_per_offset"])
+    print(f"tau {result['tau']:.2f} | accepted/iteration {result['accepted_per_iteration']:.2f} | per offset {rates}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

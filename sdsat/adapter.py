@@ -1,0 +1,176 @@
+"""A SAT-position adapter: low-rank deltas that act only where the input token is a SAT.
+
+The base model stays frozen. Its decoder gets a forward pre-hook that records which
+rows (flattened batch x sequence positions) of ``input_ids`` hold SAT ids; every adapted
+linear layer then adds ``scale * B(A(x))`` at those rows only, and the input embedding's
+output at those rows is replaced by the adapter's own SAT embedding rows.
+
+Standard tokens never attend to SATs (training masks, and decoding's draft pass drops the
+SAT keys), so every standard token's hidden states and logits are exactly the base
+model's, in training and in decoding: the model's own greedy output cannot change, and
+the decoders need no change either (a pass without SATs runs the base model untouched).
+
+Stored next to a checkpoint (or alone, as a small artifact) as ``sdsat_adapter.safetensors``;
+its shape (rank, alpha, targets) lives in ``SATConfig.adapter``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTS_FILE = "sdsat_adapter.safetensors"
+ATTR = "sdsat_adapter"  # the adapter's attribute on the model it is attached to
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16
+    alpha: float = 32.0  # deltas are scaled by alpha / rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # names of the adapted linear layers (last name part)
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not self.targets:
+            raise ValueError("adapter targets must name at least one linear layer")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"targets": list(self.targets)}
+
+
+class LowRank(torch.nn.Module):
+    """x -> scale * B(A(x)); B starts at zero, so a fresh adapter changes nothing."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, scale: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.empty(rank, d_in))  # [r, d_in]
+        self.b = torch.nn.Parameter(torch.zeros(d_out, rank))  # [d_out, r]
+        torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a), self.b) * self.scale
+
+
+class SATAdapter(torch.nn.Module):
+    """Low-rank deltas and SAT embedding rows, active only at SAT positions."""
+
+    def __init__(self, model: torch.nn.Module, sat_ids: list[int], cfg: AdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sat_ids = sorted(set(sat_ids))
+        embed = model.get_input_embeddings()
+        # [n_sat, H]: starts as the model's own SAT rows
+        self.sat_embed = torch.nn.Parameter(embed.weight.detach()[self.sat_ids].clone().float())
+        self.deltas = torch.nn.ModuleDict()
+        self._linears: dict[str, torch.nn.Linear] = {}
+        for name, module in model.get_decoder().named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets:
+                key = name.replace(".", "__")
+                self.deltas[key] = LowRank(module.in_features, module.out_features, cfg.rank, cfg.alpha / cfg.rank)
+                self._linears[key] = module
+        if not self.deltas:
+            raise ValueError(f"adapter targets {cfg.targets} match no linear layer of {type(model).__name__}")
+        # A tuple, so the model's own modules are not registered as the adapter's submodules.
+        self._hosts = (embed, model.get_decoder())
+        self._rows: torch.Tensor | None = None  # [n] flat row indices of SAT tokens in this pass
+        self._slots: torch.Tensor | None = None  # [n] index into sat_embed of each such row
+        self._row_mask: torch.Tensor | None = None  # [B, T, 1] bool: SAT positions
+        self._handles: list = []
+
+    # --- hooks ---
+    def attach(self) -> None:
+        lookup = torch.full((max(self.sat_ids) + 1,), -1, dtype=torch.long)
+        lookup[self.sat_ids] = torch.arange(len(self.sat_ids))
+        self.register_buffer("_lookup", lookup, persistent=False)
+        self._handles = [
+            self._hosts[1].register_forward_pre_hook(self._find_sat_rows, with_kwargs=True),
+            self._hosts[0].register_forward_hook(self._embed_hook),
+        ]
+        for key, linear in self._linears.items():
+            self._handles.append(linear.register_forward_hook(self._delta_hook(self.deltas[key])))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _find_sat_rows(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._rows = self._slots = self._row_mask = None
+        if ids is None:
+            return None
+        lookup = self._lookup.to(ids.device)
+        slots = torch.where(ids < lookup.numel(), lookup[ids.clamp(max=lookup.numel() - 1)], -1)  # [B, T]
+        rows = (slots.reshape(-1) >= 0).nonzero().squeeze(1)  # [n]; one host sync per pass
+        if rows.numel():
+            self._rows, self._slots = rows, slots.reshape(-1)[rows]
+            self._row_mask = (slots >= 0)[..., None]  # [B, T, 1]
+        return None
+
+    def _embed_hook(self, module, args, output):
+        if self._rows is None:
+            return None
+        flat = output.reshape(-1, output.shape[-1])
+        flat = flat.index_copy(0, self._rows, self.sat_embed[self._slots].to(flat.dtype))
+        return flat.view_as(output)
+
+    def _delta_hook(self, delta: LowRank):
+        # Dense: the rank-r delta on every row of the pass, masked to the SAT rows. A pass
+        # holds SATs only in training's SAT pass and in decoding's draft pass (k + 1 rows
+        # per sequence), where most rows are SATs; passes without SATs skip this entirely.
+        def hook(module, args, output):
+            if self._rows is None:
+                return None
+            return output + delta(args[0]).to(output.dtype) * self._row_mask.to(output.dtype)
+
+        return hook
+
+    # --- storage ---
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(directory) / WEIGHTS_FILE
+        tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in self.named_parameters()}
+        save_file(tensors, str(path), metadata={"sat_ids": ",".join(map(str, self.sat_ids))})
+        return path
+
+    def load_weights(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / WEIGHTS_FILE
+        tensors = load_file(str(path))
+        own = dict(self.named_parameters())
+        if set(tensors) != set(own):
+            missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+            raise ValueError(f"{path} does not fit this model's adapter (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(tensors[name].to(p.dtype))
+
+
+def attach_adapter(model: torch.nn.Module, sat_ids: list[int], cfg: AdapterConfig) -> SATAdapter:
+    """Create an adapter (in the model's dtype and device), register its hooks, and make it a
+    submodule of the model (so optimizers, DDP and checkpoints see its parameters)."""
+    if get_adapter(model) is not None:
+        raise ValueError("the model already has a SAT adapter")
+    param = next(model.parameters())
+    adapter = SATAdapter(model, sat_ids, cfg).to(param.device, param.dtype)
+    adapter.attach()
+    setattr(model, ATTR, adapter)
+    return adapter
+
+
+def get_adapter(model: torch.nn.Module) -> SATAdapter | None:
+    return getattr(model, ATTR, None)
+
+
+def has_adapter_file(directory: str | Path) -> bool:
+    return (Path(directory) / WEIGHTS_FILE).exists()
