@@ -155,14 +155,19 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = Field(description='"stop", "length", or null while streaming.')
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """Fields every completion response (or streamed chunk) carries."""
+
     id: str = Field(description="Request id.")
-    object: str = Field("text_completion", description="Object type.")
     created: int = Field(description="Unix time the request was received.")
     model: str = Field(description="Served model name.")
-    choices: list[CompletionChoice] = Field(description="One choice.")
     usage: Usage | None = Field(None, description="Token counts (on the final chunk when streaming).")
     sdsat: SDSATInfo | None = Field(None, description="SDSAT statistics (on the final chunk when streaming).")
+
+
+class CompletionResponse(_Response):
+    object: str = Field("text_completion", description="Object type.")
+    choices: list[CompletionChoice] = Field(description="One choice.")
 
 
 class ChatDelta(BaseModel):
@@ -183,14 +188,9 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = Field(description='"stop", "length", or null while streaming.')
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(description="Request id.")
+class ChatCompletionResponse(_Response):
     object: str = Field("chat.completion", description="'chat.completion' or 'chat.completion.chunk'.")
-    created: int = Field(description="Unix time the request was received.")
-    model: str = Field(description="Served model name.")
     choices: list[ChatChoice] = Field(description="One choice.")
-    usage: Usage | None = Field(None, description="Token counts (on the final chunk when streaming).")
-    sdsat: SDSATInfo | None = Field(None, description="SDSAT statistics (on the final chunk when streaming).")
 
 
 class ModelCard(BaseModel):

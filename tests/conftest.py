@@ -56,6 +56,20 @@ def tiny_loaded(arch: str = "llama", k: int = 8, seed: int = 0) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=TinyTokenizer(), sat=sat, source=f"tiny-{arch}", path="")
 
 
+def hf_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy generate of n tokens, SATs suppressed, EOS disabled."""
+    out = loaded.model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        suppress_tokens=loaded.sat.unique_ids,
+        eos_token_id=None,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
 @pytest.fixture(scope="session")
 def default_fp32() -> LoadedModel:
     """The embedded default model in fp32 with 8 untrained SATs."""

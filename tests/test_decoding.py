@@ -9,24 +9,10 @@ import torch
 
 from sdsat.decoding import accept, greedy
 from sdsat.generate import generate, make_sequences, oracle_drafts, stream
-from tests.conftest import tiny_loaded
+from tests.conftest import hf_greedy, tiny_loaded
 
 NEW_TOKENS = 48
 RAGGED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [3]]
-
-
-def hf_greedy(loaded, prompt: list[int], n: int) -> list[int]:
-    """transformers' own greedy generate, SATs suppressed, EOS disabled."""
-    out = loaded.model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        suppress_tokens=loaded.sat.unique_ids,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

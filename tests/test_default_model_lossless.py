@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sdsat.generate import generate, make_sequences, oracle_drafts
+from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -55,18 +56,7 @@ def setup(default_fp32):
 
 def test_plain_loop_matches_transformers_generate(setup):
     loaded, prompts, plain = setup
-    ref = []
-    for prompt in prompts:
-        out = loaded.model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            suppress_tokens=loaded.sat.unique_ids,
-            eos_token_id=None,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-        ref.append(out[0, len(prompt) :].tolist())
+    ref = [hf_greedy(loaded, prompt, NEW_TOKENS) for prompt in prompts]
     assert_same_or_tie(loaded, prompts, ref, plain)
 
 
