@@ -17,6 +17,7 @@ import torch
 from .decoding import plain_step, prefill, sdsat_step
 from .kv_cache import SlotCache
 from .stats import DecodeStats
+from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
 _ids = itertools.count()
 
@@ -128,9 +129,12 @@ class Batch:
         self,
         sat_ids: list[int],
         draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+        tree: DraftTree | None = None,
     ) -> list[StepEvent]:
         """One iteration for every row: draft-then-verify with these SATs, or plain if none.
 
+        tree: verify a draft tree (depth len(sat_ids)) instead of the chain of top-1 drafts;
+        draft_override then replaces the top-1 candidate of every depth.
         Finished sequences leave the batch after the step.
         """
         if not self.sequences:
@@ -148,7 +152,15 @@ class Batch:
             if draft_override is not None:
                 override = lambda drafts: draft_override(self.sequences, drafts)  # noqa: E731
             sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
-            emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
+            if tree is None:
+                emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
+            else:
+                first = None
+                if override is not None:
+                    first = lambda cands: with_first_candidates(cands, override(cands[:, :, 0]))  # noqa: E731
+                emitted, self.last, _ = sdsat_tree_step(
+                    self.model, self.cache, self.last, sat, self.banned, tree, first
+                )
             passes = 2
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start

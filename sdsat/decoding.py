@@ -19,23 +19,31 @@ import torch
 from .kv_cache import SlotCache
 
 
-def forward(model, cache: SlotCache, input_ids: torch.Tensor) -> torch.Tensor:
+def forward(
+    model,
+    cache: SlotCache,
+    input_ids: torch.Tensor,
+    block_mask: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run q new tokens per row ([B, q]) at each row's own positions; return logits [B, q, V].
 
-    The cache's lengths are not advanced: the caller commits what it keeps.
+    block_mask [q, q] bool: which new tokens see which (default causal); offsets [q]: their
+    positions past each row's length (default 0..q-1). The cache's lengths are not
+    advanced: the caller commits what it keeps.
     """
-    return _timed(model, cache, input_ids).logits
+    return _timed(model, cache, input_ids, block_mask, offsets).logits
 
 
-def _timed(module, cache: SlotCache, input_ids: torch.Tensor):
+def _timed(module, cache: SlotCache, input_ids: torch.Tensor, block_mask=None, offsets=None):
     """Run ``module`` over the new tokens, adding its time to ``cache.forward_seconds``."""
     start = time.perf_counter()
     q = input_ids.shape[1]
-    mask = cache.prepare(q, cache.dtype)
+    mask = cache.prepare(q, cache.dtype, block_mask)
     out = module(
         input_ids=input_ids,
         attention_mask=mask,
-        position_ids=cache.position_ids(q),
+        position_ids=cache.position_ids(q, offsets),
         cache=cache,
         use_cache=True,
     )

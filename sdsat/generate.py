@@ -8,6 +8,7 @@ import torch
 
 from .batch import Batch, Sequence, StepEvent
 from .models import LoadedModel
+from .tree import DraftTree, as_tree
 
 
 def make_sequences(
@@ -37,17 +38,23 @@ def stream(
     sequences: list[Sequence],
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+    tree: DraftTree | str | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
     num_sat = 0 is plain greedy decoding; k > 0 is SDSAT with k SATs per draft.
+    tree: a draft tree (or its spec, e.g. "2,2,1,1,1") of depth k to verify instead of the
+    chain of top-1 drafts (see sdsat/tree.py); None: the chain.
     """
     sat_ids = loaded.require_sat(num_sat)
+    tree = as_tree(tree)
+    if tree is not None and tree.depth != num_sat:
+        raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat={tree.depth}, got {num_sat}")
     banned = loaded.sat.unique_ids if loaded.sat else []
     batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0)
     batch.add(sequences)
     while len(batch):
-        yield batch.step(sat_ids, draft_override)
+        yield batch.step(sat_ids, draft_override, tree)
 
 
 def generate(
@@ -55,9 +62,10 @@ def generate(
     sequences: list[Sequence],
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
+    tree: DraftTree | str | None = None,
 ) -> list[Sequence]:
     """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
-    for _ in stream(loaded, sequences, num_sat, draft_override):
+    for _ in stream(loaded, sequences, num_sat, draft_override, tree):
         pass
     return sequences
 

@@ -149,6 +149,26 @@ class SlotCache(Cache):
             counts = [counts] * self.batch_size
         self.lengths = [n + c for n, c in zip(self.lengths, counts)]
 
+    def keep_slots(self, offsets: list[list[int]]) -> None:
+        """Commit, per row b, the tokens the last pass wrote at offsets[b] (past the row's
+        length, in order), moving them to offsets 0..len(offsets[b])-1 (tree verification).
+
+        A row whose offsets are already 0..m-1 only advances; so does a whole chain.
+        """
+        counts = [len(o) for o in offsets]
+        if any(o != list(range(len(o))) for o in offsets):
+            width = max(counts)
+            pad = [o + list(range(len(o), width)) for o in offsets]  # pads copy a slot onto itself
+            lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
+            src = lengths + torch.tensor(pad, device=self.device)  # [B, m]
+            dst = lengths + torch.arange(width, device=self.device)  # [B, m]
+            for layer in self.layers:
+                index = src[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                keys, values = layer.keys.gather(2, index), layer.values.gather(2, index)  # read all first
+                layer.keys.scatter_(2, dst[:, None, :, None].expand_as(index), keys)
+                layer.values.scatter_(2, dst[:, None, :, None].expand_as(index), values)
+        self.advance(counts)
+
     def select_rows(self, rows: list[int]) -> None:
         """Keep only these rows, in this order."""
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
