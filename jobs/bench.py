@@ -25,6 +25,7 @@ import torch
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from sdsat.models import load_model
 from sdsat.stats import DecodeStats
+from sdsat.tree import DraftTree
 
 log = logging.getLogger("bench")
 # fp32 logit margin under which a divergence counts as rounding, per benchmarked dtype. bf16
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); none by default")
+    p.add_argument("--tree", default="", help="verify a draft tree, e.g. 2,2,1,1,1 (depth = --num-sat); none: the chain")
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -52,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-sat must be >= 1")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.tree:
+        try:
+            depth = DraftTree.parse(args.tree).depth
+        except ValueError as exc:
+            p.error(f"--tree: {exc}")
+        if depth != args.num_sat:
+            p.error(f"--tree {args.tree} has depth {depth}: it needs --num-sat {depth}")
     return args
 
 
@@ -90,7 +99,7 @@ def run(loaded, prompts, args, k: int, references=None):
             refs = references[start : start + args.batch_size]
             override = oracle_drafts({s.seq_id: r for s, r in zip(seqs, refs)})
         t0 = time.perf_counter()
-        generate(loaded, seqs, k, override)
+        generate(loaded, seqs, k, override, (args.tree or None) if k else None)
         seconds += time.perf_counter() - t0
         outputs += [s.output_ids for s in seqs]
         stats += [s.stats for s in seqs]
@@ -181,6 +190,7 @@ def main(argv=None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "stop": args.stop,
         "oracle_drafts": args.oracle_drafts,
+        "tree": args.tree or None,
         "plain_tokens_per_s": plain_tokens / plain_s,
         "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
         "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),

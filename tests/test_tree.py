@@ -287,3 +287,27 @@ def test_tree_depth_must_equal_k(tiny):
     loaded, _ = tiny
     with pytest.raises(ValueError, match="needs num_sat=3"):
         run(loaded, RAGGED[:1], 4, tree="2,2,1")
+
+
+# --- The default model in fp32 -----------------------------------------------------------------
+
+DEFAULT_PROMPTS = ["def fibonacci(n):\n", "import json\n\ndef load_config(path):\n    \"\"\"Read a JSON config file.\"\"\"\n"]
+DEFAULT_NEW_TOKENS = 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("oracle", [False, True])
+def test_default_model_tree_equals_plain_greedy(default_fp32, oracle):
+    """fp32, tree "2,2,1,1,1" (k=5): identical to plain greedy, or a near-tie flip (as in
+    tests/test_default_model_lossless.py: a pass over 19 tokens can round ~1e-6 differently)."""
+    from tests.test_default_model_lossless import assert_same_or_tie
+
+    loaded = default_fp32
+    prompts = [loaded.tokenizer.encode(p) for p in DEFAULT_PROMPTS]
+    plain = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, DEFAULT_NEW_TOKENS, eos=False), 0)]
+    seqs = make_sequences(loaded, prompts, DEFAULT_NEW_TOKENS, eos=False)
+    override = oracle_drafts({s.seq_id: p for s, p in zip(seqs, plain)}) if oracle else None
+    generate(loaded, seqs, 5, override, "2,2,1,1,1")
+    assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
+    if oracle:
+        assert all(s.stats.tau > 6.0 for s in seqs)  # 7 tokens per iteration but the last
