@@ -13,11 +13,11 @@ from jobs.finetune_config import FinetuneConfig
 log = logging.getLogger(__name__)
 
 
-def _distill_part(model: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def _distill_part(model: str, prompts: list[list[int]], max_new_tokens: int, dtype: str, batch_size: int) -> list[list[int]]:
     from sdsat.data import self_distill
     from sdsat.models import load_model
 
-    return self_distill(load_model(model, dtype="float32"), prompts, max_new_tokens)
+    return self_distill(load_model(model, dtype=dtype), prompts, max_new_tokens, batch_size=batch_size)
 
 
 def distill_rows(cfg: FinetuneConfig, rows: np.ndarray) -> list[np.ndarray]:
@@ -28,7 +28,8 @@ def distill_rows(cfg: FinetuneConfig, rows: np.ndarray) -> list[np.ndarray]:
     task = ray.remote(**resources)(_distill_part)
     parts = [prompts[i :: cfg.num_workers] for i in range(cfg.num_workers)]
     log.info("self-distillation: %d prompts, %d new tokens each, %d tasks", count, cfg.distill_max_new_tokens, len(parts))
-    outputs = ray.get([task.remote(cfg.model, part, cfg.distill_max_new_tokens) for part in parts if part])
+    args = (cfg.distill_max_new_tokens, cfg.distill_dtype, cfg.distill_batch_size)
+    outputs = ray.get([task.remote(cfg.model, part, *args) for part in parts if part])
     distilled = [np.asarray(seq, dtype=np.int32) for out in outputs for seq in out if len(seq) >= cfg.num_sat + 2]
     if not distilled:
         raise ValueError("self-distillation produced no row long enough for a SAT block")

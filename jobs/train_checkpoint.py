@@ -27,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from sdsat.models import LoadedModel, parse_dtype, save_model
+from sdsat.adapter import get_adapter
+from sdsat.models import LoadedModel, parse_dtype, save_artifact, save_model
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,38 @@ def export(module, loaded: LoadedModel, cfg: dict, directory: Path, rank: int, s
         fresh = build_model(cfg)
         fresh.model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
         model = fresh.model
+    elif cfg["train"] == "sat_adapter":
+        model = _fresh_base_with(loaded, cfg)
     model = model.to("cpu", parse_dtype(cfg["export_dtype"]))
     sat = replace(loaded.sat, num_sat_trained=cfg["num_sat"], recipe=dict(cfg))
     directory = Path(directory).expanduser()
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    save_model(replace(loaded, model=model, sat=sat), staging)
+    if cfg["export_format"] == "artifact":
+        save_artifact(replace(loaded, model=model, sat=sat), staging, dtype=parse_dtype(cfg["export_dtype"]))
+    else:
+        save_model(replace(loaded, model=model, sat=sat), staging)
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
     log.info("exported the fine-tuned model to %s", directory)
     return directory
+
+
+def _fresh_base_with(loaded: LoadedModel, cfg: dict):
+    """The base model as loaded (fp32, never cast for training) with the trained adapter's weights."""
+    from jobs.train_setup import build_model
+
+    trained = get_adapter(loaded.model)
+    fresh = build_model(cfg).model
+    adapter = get_adapter(fresh)
+    if adapter is None:
+        from sdsat.adapter import attach_adapter
+
+        adapter = attach_adapter(fresh, loaded.sat.sat_ids, trained.cfg)
+    adapter.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    fresh.eval()
+    return fresh
 
 
 def _rng_state() -> dict:

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from jobs.train_checkpoint import export, latest_complete, load_checkpoint, read_state, save_checkpoint
-from jobs.train_setup import LossModule, build_model, make_optimizer, make_scheduler, select_trainable, wrap
-from sdsat.loss import LossConfig
+from jobs.train_setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
+from sdsat.frozen_loss import collate_two_pass
 from sdsat.rows import RowConfig, build_row, collate
 
 log = logging.getLogger("sdsat.finetune")
@@ -100,8 +100,7 @@ def train_func(config: dict) -> None:
     k = cfg["num_sat"]
     sat_ids = loaded.sat.ids_for(k)
     options = select_trainable(loaded.model, sat_ids, cfg)
-    loss_cfg = LossConfig(w_std=cfg["w_std"], w_sat=cfg["w_sat"], banned_ids=tuple(loaded.sat.unique_ids), num_sat=k)
-    module = wrap(LossModule(loaded.model, loss_cfg), cfg, device, world)
+    module = wrap(LossModule(loaded.model, loss_config(cfg, loaded.sat.unique_ids)), cfg, device, world)
     module.train()
     optimizer = make_optimizer(module, options, device)
     scheduler = make_scheduler(optimizer, cfg)
@@ -154,7 +153,7 @@ def train_step(module, optimizer, scheduler, rows: RowStream, cfg, rank, world, 
     for micro in range(accum):
         first = state["samples"] + (micro * world + rank) * batch_size
         augmented = [rows.row(first + j) for j in range(batch_size)]
-        batch = {key: t.to(device) for key, t in collate(augmented, pad_id, torch.float32).items()}
+        batch = {key: t.to(device) for key, t in _collate(cfg)(augmented, pad_id, torch.float32).items()}
         with _no_sync(module, last=micro == accum - 1), _autocast(cfg, device):
             loss, m = module(batch)
             (loss / accum).backward()
@@ -193,7 +192,7 @@ def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id) -> dict:
     for start in range(0, per_rank, cfg["batch_size"]):
         for i, w in zip(mine[start : start + cfg["batch_size"]], weights[start : start + cfg["batch_size"]]):
             row = rows.row(i)
-            batch = {key: t.to(device) for key, t in collate([row], pad_id, torch.float32).items()}
+            batch = {key: t.to(device) for key, t in _collate(cfg)([row], pad_id, torch.float32).items()}
             with _autocast(cfg, device):
                 _, m = module(batch)
             sums.add(m, tokens=len(row["input_ids"]), weight=w)
@@ -253,6 +252,11 @@ def _time_is_up(state: dict, cfg: dict) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(flag, src=0)
     return bool(flag.item())
+
+
+def _collate(cfg: dict):
+    """Rows -> batch: one pass over standard and SAT tokens, or two (frozen base, sat_adapter)."""
+    return collate_two_pass if cfg["train"] == "sat_adapter" else collate
 
 
 def _no_sync(module, last: bool):

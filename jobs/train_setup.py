@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from sdsat.adapter import AdapterConfig, attach_adapter, get_adapter
+from sdsat.frozen_loss import FrozenLossConfig, frozen_loss
 from sdsat.loss import LossConfig, sdsat_loss
 from sdsat.models import LoadedModel, load_model
 from sdsat.sat import add_sat_tokens
@@ -18,13 +20,22 @@ log = logging.getLogger(__name__)
 class LossModule(torch.nn.Module):
     """The model plus the SDSAT loss, so DDP/FSDP see the loss computation as one forward."""
 
-    def __init__(self, model: torch.nn.Module, loss_cfg: LossConfig):
+    def __init__(self, model: torch.nn.Module, loss_cfg: LossConfig | FrozenLossConfig):
         super().__init__()
         self.model = model
         self.loss_cfg = loss_cfg
 
     def forward(self, batch: dict):
+        if isinstance(self.loss_cfg, FrozenLossConfig):
+            return frozen_loss(self.model, batch, self.loss_cfg)
         return sdsat_loss(self.model, batch, self.loss_cfg)
+
+
+def loss_config(cfg: dict, sat_ids: list[int]) -> LossConfig | FrozenLossConfig:
+    if cfg["train"] == "sat_adapter":
+        return FrozenLossConfig(banned_ids=tuple(sat_ids), num_sat=cfg["num_sat"], w_teacher=cfg["w_teacher"],
+                                w_kl=cfg["w_kl"], w_sat=cfg["w_sat"])
+    return LossConfig(w_std=cfg["w_std"], w_sat=cfg["w_sat"], banned_ids=tuple(sat_ids), num_sat=cfg["num_sat"])
 
 
 def build_model(cfg: dict) -> LoadedModel:
@@ -52,6 +63,9 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
     sat_embeddings: only the input embedding trains, and a gradient hook zeroes every row
     but the SAT rows, so the base model stays bit-identical (AdamW moves a row only when
     it has had a gradient; weight decay is off for this group).
+    sat_adapter: the base model is frozen (and, with precision=bf16, cast to bf16: it needs
+    no fp32 master copy); a SAT adapter (sdsat/adapter.py, fp32) trains, its SAT rows at
+    sat_lr and its low-rank deltas at lr. Standard tokens then run without gradients.
     """
     if cfg["train"] == "full":
         for p in model.parameters():
@@ -66,7 +80,20 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
         row_mask[sorted(set(sat_ids))] = 1.0
         weight.register_hook(lambda grad: grad * row_mask.to(grad.device, grad.dtype))
         return {"lr": cfg["sat_lr"] or cfg["lr"], "weight_decay": 0.0}
-    raise ValueError(f"unknown train mode {cfg['train']!r}; choose full or sat_embeddings")
+    if cfg["train"] == "sat_adapter":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if cfg["precision"] == "bf16":
+            model.to(torch.bfloat16)
+        adapter = get_adapter(model)
+        if adapter is None:
+            adapter_cfg = AdapterConfig(cfg["adapter_rank"], cfg["adapter_alpha"], tuple(cfg["adapter_targets"].split(",")))
+            adapter = attach_adapter(model, sat_ids, adapter_cfg)
+        adapter.float()
+        for p in adapter.parameters():
+            p.requires_grad_(True)
+        return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "sat_lr": cfg["sat_lr"] or cfg["lr"]}
+    raise ValueError(f"unknown train mode {cfg['train']!r}; choose full, sat_embeddings or sat_adapter")
 
 
 def wrap(module: LossModule, cfg: dict, device: torch.device, world_size: int) -> torch.nn.Module:
@@ -94,7 +121,18 @@ def wrap(module: LossModule, cfg: dict, device: torch.device, world_size: int) -
 
 
 def make_optimizer(module: torch.nn.Module, options: dict, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+    """AdamW over the trainable parameters; with a ``sat_lr`` option, the adapter's SAT rows
+    form their own group at that lr (no weight decay)."""
+    options = dict(options)
+    sat_lr = options.pop("sat_lr", None)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if sat_lr is None:
+        params = [p for _, p in named]
+    else:
+        params = [
+            {"params": [p for n, p in named if not n.endswith("sat_embed")]},
+            {"params": [p for n, p in named if n.endswith("sat_embed")], "lr": sat_lr, "weight_decay": 0.0},
+        ]
     return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=device.type == "cuda", **options)
 
 

@@ -72,5 +72,6 @@ def hf_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def default_fp32() -> LoadedModel:
-    """The embedded default model in fp32 with 8 untrained SATs."""
-    return load_model("default", dtype="float32", add_sat=8)
+    """The embedded default model without its shipped SAT artifact ("default-base"), in fp32,
+    with 8 untrained SATs (tests/test_default_artifact.py covers the artifact)."""
+    return load_model("default-base", dtype="float32", add_sat=8)

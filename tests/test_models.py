@@ -17,12 +17,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def base():
-    return load_model("default", dtype="float32")
+    return load_model("default-base", dtype="float32")
 
 
 def test_default_model_loads_offline_and_fast(base):
     start = time.perf_counter()
-    again = load_model("default", dtype="bfloat16")
+    again = load_model("default-base", dtype="bfloat16")
     elapsed = time.perf_counter() - start
     assert type(base.model).__name__ == "LlamaForCausalLM"
     assert base.model.config.vocab_size == 49152
@@ -35,7 +35,7 @@ def test_default_model_loads_offline_and_fast(base):
 
 @pytest.mark.parametrize("repeated", [False, True])
 def test_add_sats_keeps_old_logits_and_round_trips(base, tmp_path, repeated):
-    loaded = load_model("default", dtype="float32")
+    loaded = load_model("default-base", dtype="float32")
     ids = torch.tensor([base.tokenizer.encode("def add(a, b):\n    return")])
     before = base.model(ids).logits
     sat = add_sat_tokens(loaded.model, loaded.tokenizer, 5, repeated=repeated, base_model="default")
@@ -60,7 +60,7 @@ def test_add_sats_keeps_old_logits_and_round_trips(base, tmp_path, repeated):
 
 
 def test_sat_init_from_a_token_copies_its_row(base):
-    loaded = load_model("default", dtype="float32")
+    loaded = load_model("default-base", dtype="float32")
     sat = add_sat_tokens(loaded.model, loaded.tokenizer, 3, init="def", noise_std=0.0)
     weight = loaded.model.get_input_embeddings().weight
     src = loaded.tokenizer.get_vocab()["def"]
@@ -71,7 +71,7 @@ def test_sat_init_from_a_token_copies_its_row(base):
 
 
 def test_adding_sats_twice_is_refused(base):
-    loaded = load_model("default", dtype="float32", add_sat=3)
+    loaded = load_model("default-base", dtype="float32", add_sat=3)
     with pytest.raises(ValueError, match="already has SAT tokens"):
         add_sat_tokens(loaded.model, loaded.tokenizer, 3)
 
