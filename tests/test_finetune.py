@@ -96,6 +96,40 @@ def test_a_later_run_resumes_a_finished_one(ray_cluster, tiny_path, tmp_path_fac
     assert load_model(str(second / "export")).sat.num_sat_trained == K
 
 
+@pytest.mark.slow
+def test_sat_adapter_run_keeps_the_base_and_exports_checkpoint_and_artifact(ray_cluster, tiny_path, tmp_path_factory):
+    """train=sat_adapter on 2 workers: the base weights come out bit-identical, SDSAT with the
+    export equals plain greedy of the untouched base, and an artifact export loads onto it."""
+    storage = tmp_path_factory.mktemp("runs")
+    adapter_args = ("--train", "sat_adapter", "--adapter-rank", "4", "--lr", "1e-2", "--sat-lr", "5e-2",
+                    "--poisson-lambda", "6", "--w-kl", "0.5")
+    assert _run(tiny_path, storage, "adapter", *adapter_args) == 0
+    export = storage / "adapter" / "export"
+    base, exported_weights = _weights(tiny_path), _weights(export)
+    assert set(exported_weights) == set(base)  # the adapter is not in model.safetensors
+    for key in base:
+        if key not in ("model.embed_tokens.weight", "lm_head.weight"):  # these grew by the SAT rows
+            assert torch.equal(exported_weights[key], base[key]), key
+    adapter = load_file(os.path.join(export, "sdsat_adapter.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if k.endswith(".b"))  # the deltas trained
+
+    exported = load_model(str(export), dtype="float32")
+    reference = load_model(tiny_path, dtype="float32", add_sat=K)
+    prompts = [exported.tokenizer.encode("def add(a, b):\n"), exported.tokenizer.encode("import os\nfor x in")]
+    plain = generate(reference, make_sequences(reference, prompts, 24, eos=False), num_sat=0)
+    sdsat = generate(exported, make_sequences(exported, prompts, 24, eos=False), num_sat=K)
+    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+
+    assert _run(tiny_path, storage, "artifact", *adapter_args, "--export-format", "artifact",
+                "--export-dtype", "bfloat16", "--max-steps", "2", "--checkpoint-every", "1") == 0
+    artifact = storage / "artifact" / "export"
+    assert sorted(p.name for p in artifact.iterdir()) == ["sdsat_adapter.safetensors", "sdsat_config.json"]
+    loaded = load_model(str(artifact), dtype="float32")
+    assert loaded.sat.num_sat_trained == K and loaded.sat.adapter["rank"] == 4
+    sdsat = generate(loaded, make_sequences(loaded, prompts, 24, eos=False), num_sat=K)
+    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+
+
 def test_sat_embeddings_trains_only_the_sat_rows():
     model = tiny_model()
     sat_ids = [252, 253, 254, 255]
