@@ -86,27 +86,42 @@ class SATAdapter(torch.nn.Module):
         self._row_mask: torch.Tensor | None = None  # [B, T, 1] bool: SAT positions
         self._row_scale: torch.Tensor | None = None  # [B, T, 1]: alpha / rank at SAT positions, else 0
         self._handles: list = []
+        self._pass_handles: list = []
 
     # --- hooks ---
     def attach(self) -> None:
+        """Register the decoder hooks. The per-layer hooks exist only during a pass that holds
+        SATs, so a pass without SATs (plain decoding, verification, the standard tokens in
+        training) runs the base model with no extra work at all."""
         lookup = torch.full((max(self.sat_ids) + 1,), -1, dtype=torch.long)
         lookup[self.sat_ids] = torch.arange(len(self.sat_ids))
         self.register_buffer("_lookup", lookup, persistent=False)
+        decoder = self._hosts[1]
         self._handles = [
-            self._hosts[1].register_forward_pre_hook(self._find_sat_rows, with_kwargs=True),
-            self._hosts[0].register_forward_hook(self._embed_hook),
+            decoder.register_forward_pre_hook(self._find_sat_rows, with_kwargs=True),
+            decoder.register_forward_hook(lambda *_: self._end_pass(), always_call=True),
         ]
-        for key, linear in self._linears.items():
-            self._handles.append(linear.register_forward_hook(self._delta_hook(self.deltas[key])))
 
     def detach(self) -> None:
+        self._end_pass()
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    def _begin_pass(self) -> None:
+        self._pass_handles = [self._hosts[0].register_forward_hook(self._embed_hook)]
+        for key, linear in self._linears.items():
+            self._pass_handles.append(linear.register_forward_hook(self._delta_hook(self.deltas[key])))
+
+    def _end_pass(self) -> None:
+        for handle in self._pass_handles:
+            handle.remove()
+        self._pass_handles = []
+        self._rows = self._slots = self._row_mask = self._row_scale = None
+
     def _find_sat_rows(self, module, args, kwargs):
+        self._end_pass()
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._rows = self._slots = self._row_mask = None
         if ids is None:
             return None
         lookup = self._lookup.to(ids.device)
@@ -115,11 +130,10 @@ class SATAdapter(torch.nn.Module):
         if rows.numel():
             self._rows, self._slots = rows, slots.reshape(-1)[rows]
             self._row_mask = (slots >= 0)[..., None]  # [B, T, 1]; cast once per pass by the embedding hook
+            self._begin_pass()
         return None
 
     def _embed_hook(self, module, args, output):
-        if self._rows is None:
-            return None
         flat = output.reshape(-1, output.shape[-1])
         flat = flat.index_copy(0, self._rows, self.sat_embed[self._slots].to(flat.dtype))
         # [B, T, 1]: scale at SAT rows, 0 elsewhere, in the activations' dtype
@@ -129,10 +143,8 @@ class SATAdapter(torch.nn.Module):
     def _delta_hook(self, delta: LowRank):
         # Dense: the rank-r delta on every row of the pass, masked to the SAT rows. A pass
         # holds SATs only in training's SAT pass and in decoding's draft pass (k + 1 rows
-        # per sequence), where most rows are SATs; passes without SATs skip this entirely.
+        # per sequence), where most rows are SATs.
         def hook(module, args, output):
-            if self._rows is None:
-                return None
             # fp32: on CPU a rank-r product over a few rows is several times faster in fp32
             # than in bf16 (under autocast, in training, it runs in the autocast dtype).
             low = F.linear(F.linear(args[0].float(), delta.a.float()), delta.b.float())
