@@ -17,6 +17,9 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# The default recipe, used when the job gets neither --config nor any field flag.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_default.yaml"
+
 
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a causal LM with SDSAT semantic adaptive tokens on Ray Train. "
         "Values come from the defaults, then --config FILE (YAML), then flags.",
     )
-    parser.add_argument("--config", help="YAML file with any of the fields below.")
+    parser.add_argument("--config", help="YAML file with any of the fields below (with no --config and no field flag at all: configs/finetune_default.yaml, the default recipe).")
     parser.add_argument("--dry-run", action="store_true", help="Check the config, model and data, print the plan and exit without training.")
     for name, field in FinetuneConfig.model_fields.items():
         nullable = type(None) in typing.get_args(field.annotation)
@@ -158,6 +161,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, argparse.Namespace]:
+    """Flags -> config. With neither --config nor any field flag (``python jobs/finetune.py``),
+    the default recipe DEFAULT_CONFIG is used."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields and v is not None}
+    if args.config is None and not overrides and DEFAULT_CONFIG.is_file():
+        args.config = str(DEFAULT_CONFIG)
     return load_config(args.config, overrides), args

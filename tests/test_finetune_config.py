@@ -145,3 +145,13 @@ def test_refuses_workers_the_cluster_cannot_place():
     with pytest.raises(ValueError, match="GPU"):
         check_resources(load_config(overrides={"use_gpu": True}), {"CPU": 8.0})
     check_resources(load_config(overrides={"num_workers": 2}), {"CPU": 2.0})
+
+
+def test_no_arguments_run_the_default_recipe():
+    from jobs.finetune_config import DEFAULT_CONFIG
+
+    recipe, _ = parse_args([])
+    assert recipe == load_config(DEFAULT_CONFIG)
+    assert (recipe.train, recipe.model) == ("sat_adapter", "default-base")
+    flagged, _ = parse_args(["--max-steps", "3"])  # any field flag: field defaults, then flags
+    assert flagged.train == FinetuneConfig().train and flagged.max_steps == 3
