@@ -153,5 +153,5 @@ def test_no_arguments_run_the_default_recipe():
     recipe, _ = parse_args([])
     assert recipe == load_config(DEFAULT_CONFIG)
     assert (recipe.train, recipe.model) == ("sat_adapter", "default-base")
-    flagged, _ = parse_args(["--max-steps", "3"])  # any field flag: field defaults, then flags
-    assert flagged.train == FinetuneConfig().train and flagged.max_steps == 3
+    flagged, _ = parse_args(["--max-steps", "30"])  # any field flag: field defaults, then flags
+    assert flagged.train == FinetuneConfig().train and flagged.max_steps == 30
