@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); none by default")
-    p.add_argument("--tree", default="", help="verify a draft tree, e.g. 2,2,1,1,1 (depth = --num-sat); none: the chain")
+    p.add_argument("--tree", default="", help="verify a draft tree, e.g. 2,2,1,1,1 (depth <= --num-sat); none: the chain")
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -59,8 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             depth = DraftTree.parse(args.tree).depth
         except ValueError as exc:
             p.error(f"--tree: {exc}")
-        if depth != args.num_sat:
-            p.error(f"--tree {args.tree} has depth {depth}: it needs --num-sat {depth}")
+        if depth > args.num_sat:
+            p.error(f"--tree {args.tree} has depth {depth}: it needs --num-sat >= {depth}")
     return args
 
 

@@ -43,13 +43,16 @@ def stream(
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
     num_sat = 0 is plain greedy decoding; k > 0 is SDSAT with k SATs per draft.
-    tree: a draft tree (or its spec, e.g. "2,2,1,1,1") of depth k to verify instead of the
-    chain of top-1 drafts (see sdsat/tree.py); None: the chain.
+    tree: a draft tree (or its spec, e.g. "2,2,1,1,1") to verify instead of the chain of
+    top-1 drafts (see sdsat/tree.py); None: the chain. Its depth (at most k) is the number
+    of SATs each draft pass uses.
     """
     sat_ids = loaded.require_sat(num_sat)
     tree = as_tree(tree)
-    if tree is not None and tree.depth != num_sat:
-        raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat={tree.depth}, got {num_sat}")
+    if tree is not None:
+        if tree.depth > num_sat:
+            raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat >= {tree.depth}, got {num_sat}")
+        sat_ids = sat_ids[: tree.depth]
     banned = loaded.sat.unique_ids if loaded.sat else []
     batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0)
     batch.add(sequences)

@@ -21,13 +21,15 @@ Two ways to make a tree:
 - counts, spec "2,2,1,1,1": every node at depth i-1 gets the top-c_i candidates of depth i
   as children (a full product: 2 + 4 + 4 + 4 + 4 = 18 nodes and the root);
 - paths, spec "0;1;0.0;1.0;0.0.0" (Medusa-style sparse list): each path lists candidate
-  ranks from depth 1 down; every prefix of a path is added too.
+  ranks from depth 1 down; every prefix of a path is added too. :func:`best_tree` picks
+  the paths from observed ranks of the true tokens (``jobs/tree_search.py``).
 Today's chain [y0, d_1..d_k] is the tree "1,1,...,1" (k ones).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +56,7 @@ class DraftTree:
     parents: tuple[int, ...]  # [N]: parent node of each node (-1 for the root)
     depths: tuple[int, ...]  # [N]: 0 for the root, i for a candidate at SAT position i
     ranks: tuple[int, ...]  # [N]: candidate rank at that depth (0 = top-1; the root: 0)
-    spec: str = ""
+    spec: str = field(default="", compare=False)  # how it was written (for logs and results)
     _on: dict = field(default_factory=dict, compare=False, repr=False)  # device -> TreeTensors
 
     @classmethod
@@ -141,6 +143,28 @@ class DraftTree:
             paths=paths.to(device),
             candidate_index=((depths[1:] - 1) * self.width + ranks).to(device),
         )
+
+
+def best_tree(rank_paths, size: int) -> DraftTree:
+    """The tree of ``size`` candidate nodes that accepts the most drafts on these observations.
+
+    rank_paths: per observed draft pass, the rank of the true token among the candidates at
+    depths 1..k (rank r: r tokens scored higher). A tree accepts the longest prefix of an
+    observation that is one of its node paths, so its accepted drafts, summed over the
+    observations, are the summed counts of its nodes' rank paths. The ``size`` most frequent
+    rank prefixes maximise that, and they form a tree: a prefix is at least as frequent as
+    its extensions (ties: shorter, then smaller ranks first).
+    """
+    counts = Counter(tuple(path[:d]) for path in rank_paths for d in range(1, len(path) + 1))
+    ranked = sorted(counts, key=lambda p: (-counts[p], len(p), p))
+    return DraftTree.from_paths(ranked[:size])
+
+
+def true_token_ranks(logits: torch.Tensor, true: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """Rank of each true token among the draft logits (SATs banned). logits [B, k, V], true [B, k] -> [B, k]."""
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    return (logits > logits.gather(-1, true[..., None])).sum(dim=-1)
 
 
 def as_tree(tree: "DraftTree | str | None") -> "DraftTree | None":

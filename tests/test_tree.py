@@ -8,7 +8,7 @@ import torch
 from sdsat.decoding import forward, greedy, prefill
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from sdsat.kv_cache import SlotCache
-from sdsat.tree import DraftTree, sdsat_tree_step, tree_accept, tree_candidates
+from sdsat.tree import DraftTree, best_tree, sdsat_tree_step, tree_accept, tree_candidates, true_token_ranks
 from tests.conftest import hf_greedy, tiny_loaded
 from tests.test_decoding import logits_for
 
@@ -283,10 +283,17 @@ def test_garbage_drafts_accept_nothing_at_first_rank(tiny):
     assert all(s.stats.accepted == 0 for s in seqs)
 
 
-def test_tree_depth_must_equal_k(tiny):
+def test_tree_deeper_than_k_is_refused(tiny):
     loaded, _ = tiny
-    with pytest.raises(ValueError, match="needs num_sat=3"):
-        run(loaded, RAGGED[:1], 4, tree="2,2,1")
+    with pytest.raises(ValueError, match="needs num_sat >= 3"):
+        run(loaded, RAGGED[:1], 2, tree="2,2,1")
+
+
+def test_shallower_tree_drafts_its_own_depth(tiny):
+    loaded, refs = tiny
+    (seq,) = run(loaded, RAGGED[:1], 6, tree="2,2")
+    assert seq.output_ids == refs[0]
+    assert len(seq.stats.drafted_per_offset) == 2  # draft passes used 2 SATs, not 6
 
 
 # --- The default model in fp32 -----------------------------------------------------------------
@@ -311,3 +318,26 @@ def test_default_model_tree_equals_plain_greedy(default_fp32, oracle):
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
     if oracle:
         assert all(s.stats.tau > 6.0 for s in seqs)  # 7 tokens per iteration but the last
+
+
+def test_best_tree_takes_the_most_frequent_rank_prefixes():
+    observed = [(0, 0, 3), (0, 0, 0), (1, 0, 0), (1, 0, 5), (0, 2, 0), (4, 4, 4)]
+    # prefix counts: (0,)=3 (1,)=2 (0,0)=2 (1,0)=2 (0,0,0)=1 ...; the root is free
+    tree = best_tree(observed, 4)
+    assert tree == DraftTree.parse("0;1;0.0;1.0")
+    accepted = sum(next((d for d in range(3, 0, -1) if path[:d] in set(_paths(tree))), 0) for path in observed)
+    assert accepted == 3 + 2 + 2 + 2  # the nodes' counts
+    assert best_tree(observed, 1) == DraftTree.chain(1)
+
+
+def _paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    out = [()]
+    for parent, rank in zip(tree.parents[1:], tree.ranks[1:]):
+        out.append(out[parent] + (rank,))
+    return out
+
+
+def test_true_token_ranks():
+    logits = torch.tensor([[[0.0, 3.0, 1.0, 2.0], [5.0, 4.0, 3.0, 9.0]]])  # [1, 2, 4]
+    assert true_token_ranks(logits, torch.tensor([[3, 0]]), None).tolist() == [[1, 1]]
+    assert true_token_ranks(logits, torch.tensor([[3, 0]]), torch.tensor([1])).tolist() == [[0, 1]]  # 3.0 is banned
