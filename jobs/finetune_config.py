@@ -53,6 +53,7 @@ class FinetuneConfig(BaseModel):
     distill_rows: Optional[int] = Field(None, ge=1, description="Self-distillation: distill only this many training rows (null: all).")
     distill_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Self-distillation: dtype the base model generates in (use the dtype you will serve in: greedy outputs differ slightly between dtypes).")
     distill_batch_size: int = Field(8, ge=1, description="Self-distillation: prompts generated together per batch.")
+    distill_cache: Optional[str] = Field(None, description="Self-distillation: a JSON file of distilled rows (lists of token ids). Read instead of generating when it exists; written after generating otherwise (null: never cached).")
 
     # --- optimisation ---
     train: Literal["full", "sat_embeddings", "sat_adapter"] = Field("full", description="What trains: 'full' (every parameter), 'sat_embeddings' (only the SAT rows of the input embedding) or 'sat_adapter' (SAT rows plus low-rank deltas that act only at SAT positions; standard tokens run without gradients). The last two keep the base model bit-identical.")

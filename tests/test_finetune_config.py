@@ -155,3 +155,15 @@ def test_no_arguments_run_the_default_recipe():
     assert (recipe.train, recipe.model) == ("sat_adapter", "default-base")
     flagged, _ = parse_args(["--max-steps", "30"])  # any field flag: field defaults, then flags
     assert flagged.train == FinetuneConfig().train and flagged.max_steps == 30
+
+
+def test_distill_cache_is_read_instead_of_generating(tmp_path):
+    import numpy as np
+
+    from jobs.distill import distill_rows
+
+    cache = tmp_path / "distilled.json"
+    cache.write_text(json.dumps([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10], list(range(20))]))
+    cfg = load_config(overrides={"num_sat": 5, "distill_max_new_tokens": 16, "distill_cache": str(cache)})
+    rows = distill_rows(cfg, np.zeros((4, 32), dtype=np.int32))  # no Ray needed: nothing is generated
+    assert [r.tolist() for r in rows] == [[1, 2, 3, 4, 5, 6, 7, 8], list(range(20))]  # [9, 10] is too short
