@@ -35,7 +35,8 @@ def prepare(cfg: FinetuneConfig) -> Plan:
     val_rows = packed_rows(cfg, tokenizer, "validation") if cfg.eval_every else None
     name = cfg.run_name()
     run_dir = Path(cfg.storage_path).expanduser() / name
-    export_dir = Path(cfg.export_dir).expanduser() if cfg.export_dir else run_dir / "export"
+    # Absolute: Ray Train workers run in their own working directory.
+    export_dir = Path(cfg.export_dir).expanduser().resolve() if cfg.export_dir else run_dir / "export"
     check_export_dir(export_dir)
     resume = str(check_resume(cfg)) if cfg.resume_from else None
     return Plan(name, run_dir, export_dir, train_rows, val_rows, resume, model_sats)

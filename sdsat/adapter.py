@@ -26,6 +26,9 @@ import torch.nn.functional as F
 WEIGHTS_FILE = "sdsat_adapter.safetensors"
 ATTR = "sdsat_adapter"  # the adapter's attribute on the model it is attached to
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers of one module that read the same input: at inference their rank-r products
+# run as one fused pair of matrix products (fewer, larger products: cheaper on CPU).
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
 @dataclass
@@ -72,11 +75,17 @@ class SATAdapter(torch.nn.Module):
         self.sat_embed = torch.nn.Parameter(embed.weight.detach()[self.sat_ids].clone().float())
         self.deltas = torch.nn.ModuleDict()
         self._linears: dict[str, torch.nn.Linear] = {}
+        self._group_of: dict[str, str] = {}  # delta key -> its shared-input group
+        self._fused: tuple | None = None  # (parameter versions, {group: (A [sum r, d_in], B [sum d_out, sum r])})
+        self._slice_of: dict[str, slice] = {}  # delta key -> its columns of the group's fused output
+        self._pass_cache: dict = {}  # group -> (input tensor, fused low-rank output) during a pass
         for name, module in model.get_decoder().named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets:
                 key = name.replace(".", "__")
                 self.deltas[key] = LowRank(module.in_features, module.out_features, cfg.rank, cfg.alpha / cfg.rank)
                 self._linears[key] = module
+                parent, _, last = key.rpartition("__")
+                self._group_of[key] = f"{parent}__{SHARED_INPUT.get(last, last)}"
         if not self.deltas:
             raise ValueError(f"adapter targets {cfg.targets} match no linear layer of {type(model).__name__}")
         # A tuple, so the model's own modules are not registered as the adapter's submodules.
@@ -109,15 +118,38 @@ class SATAdapter(torch.nn.Module):
         self._handles = []
 
     def _begin_pass(self) -> None:
+        self._fuse() if not torch.is_grad_enabled() else None
         self._pass_handles = [self._hosts[0].register_forward_hook(self._embed_hook)]
         for key, linear in self._linears.items():
-            self._pass_handles.append(linear.register_forward_hook(self._delta_hook(self.deltas[key])))
+            self._pass_handles.append(linear.register_forward_hook(self._delta_hook(key)))
 
     def _end_pass(self) -> None:
         for handle in self._pass_handles:
             handle.remove()
         self._pass_handles = []
+        self._pass_cache = {}
         self._rows = self._slots = self._row_mask = self._row_scale = None
+
+    def _fuse(self) -> None:
+        """Concatenated A and block-diagonal B per shared-input group, rebuilt when any
+        parameter changed (in place or replaced)."""
+        params = list(self.deltas.parameters())
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fused is not None and self._fused[0] == version:
+            return
+        groups: dict[str, list[str]] = {}
+        for key, group in self._group_of.items():
+            groups.setdefault(group, []).append(key)
+        fused = {}
+        with torch.no_grad():
+            for group, keys in groups.items():
+                deltas = [self.deltas[k] for k in keys]
+                fused[group] = (torch.cat([d.a.float() for d in deltas]), torch.block_diag(*[d.b.float() for d in deltas]))
+                start = 0
+                for key, d in zip(keys, deltas):
+                    self._slice_of[key] = slice(start, start + d.b.shape[0])
+                    start += d.b.shape[0]
+        self._fused = (version, fused)
 
     def _find_sat_rows(self, module, args, kwargs):
         self._end_pass()
@@ -140,14 +172,23 @@ class SATAdapter(torch.nn.Module):
         self._row_scale = self._row_mask.to(output.dtype) * (self.cfg.alpha / self.cfg.rank)
         return flat.view_as(output)
 
-    def _delta_hook(self, delta: LowRank):
+    def _delta_hook(self, key: str):
         # Dense: the rank-r delta on every row of the pass, masked to the SAT rows. A pass
         # holds SATs only in training's SAT pass and in decoding's draft pass (k + 1 rows
         # per sequence), where most rows are SATs.
+        delta, group = self.deltas[key], self._group_of[key]
+
         def hook(module, args, output):
-            # fp32: on CPU a rank-r product over a few rows is several times faster in fp32
-            # than in bf16 (under autocast, in training, it runs in the autocast dtype).
-            low = F.linear(F.linear(args[0].float(), delta.a.float()), delta.b.float())
+            x = args[0]
+            if torch.is_grad_enabled():  # training: one product pair per layer, autograd through it
+                low = F.linear(F.linear(x.float(), delta.a.float()), delta.b.float())
+            else:  # inference: fp32 (several times cheaper than bf16 for a few rows on CPU), fused per group
+                cached = self._pass_cache.get(group)
+                if cached is None or cached[0] is not x:
+                    a, b = self._fused[1][group]
+                    cached = (x, F.linear(F.linear(x.float(), a), b))
+                    self._pass_cache[group] = cached
+                low = cached[1][..., self._slice_of[key]]
             return torch.addcmul(output, low.to(output.dtype), self._row_scale)
 
         return hook
