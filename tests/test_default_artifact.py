@@ -1,0 +1,55 @@
+"""The shipped SAT artifact of the default model (sdsat/artifacts/default): it loads, it leaves
+the base model's standard-token logits unchanged, its drafts get accepted, and SDSAT with it
+is lossless in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdsat.adapter import get_adapter
+from sdsat.generate import generate, make_sequences
+from sdsat.models import DEFAULT_ARTIFACT, load_model
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n',
+    "import os\n\n\ndef list_python_files(root):\n    ",
+]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    if not (DEFAULT_ARTIFACT / "sdsat_config.json").exists():
+        pytest.fail(f"the shipped artifact is missing: {DEFAULT_ARTIFACT}")
+    return load_model("default", dtype="float32"), load_model("default-base", dtype="float32")
+
+
+def test_artifact_is_small_and_loads_with_trained_sats(pair):
+    adapted, base = pair
+    size = sum(p.stat().st_size for p in DEFAULT_ARTIFACT.iterdir())
+    assert size <= 20 * 2**20
+    assert adapted.sat is not None and adapted.sat.num_sat_trained >= 5 and adapted.sat.adapter
+    assert get_adapter(adapted.model) is not None and get_adapter(base.model) is None
+    assert base.sat is None
+
+
+def test_standard_token_logits_are_the_base_models(pair):
+    adapted, base = pair
+    ids = torch.tensor([adapted.tokenizer.encode(PROMPTS[0])])
+    with torch.no_grad():
+        out, ref = adapted.model(ids).logits, base.model(ids).logits
+    assert torch.equal(out[..., : ref.shape[-1]], ref)
+
+
+def test_sdsat_with_the_artifact_is_lossless_in_fp32_and_accepts_drafts(pair):
+    adapted, base = pair
+    prompts = [adapted.tokenizer.encode(p) for p in PROMPTS]
+    plain = generate(base, make_sequences(base, prompts, 48))
+    sdsat = generate(adapted, make_sequences(adapted, prompts, 48), num_sat=5)
+    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+    accepted = sum(s.stats.accepted for s in sdsat)
+    iterations = sum(s.stats.iterations for s in sdsat)
+    # Untrained SATs get ~0.2 drafts accepted per iteration; the artifact must do far better.
+    assert accepted / iterations > 0.5
