@@ -75,8 +75,12 @@ def load_for_serving(settings: ServerSettings) -> LoadedModel:
         if export is not None:
             log.info("serving the fine-tuned default model from %s", export)
             return load_model(str(export), dtype=settings.dtype, device=device)
+        loaded = load_model("default", dtype=settings.dtype, device=device)  # with the shipped SAT artifact
+        if loaded.sat is not None and loaded.sat.num_sat_trained:
+            log.info("serving the default model with its shipped SAT artifact")
+            return loaded
         log.warning(
-            "no fine-tuned default export found (see find_default_export): serving the base default model "
+            "no fine-tuned default export or shipped artifact found: serving the base default model "
             "with %d untrained SATs; drafts will rarely be accepted, so SDSAT will not speed it up",
             UNTRAINED_SAT,
         )
