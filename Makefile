@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py
 
+# One torch thread per process: the Ray tests run several model processes at once, and
+# oversubscribed torch threads slowed the suite about 10x on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
-	$(BIN)/python -m pytest -m slow -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m slow -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q
 
 bench: $(STAMP)
 	$(BIN)/python jobs/bench.py --prompts humaneval:20 --num-sat 5 --dtype bfloat16 --max-new-tokens 128 --json results/bench.json
