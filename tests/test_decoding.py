@@ -213,3 +213,22 @@ def test_banned_ids_are_never_chosen():
     logits = logits_for([[5, 6]])
     assert greedy(logits, torch.tensor([5])).tolist()[0][0] != 5
     assert greedy(logits, torch.tensor([5])).tolist()[0][1] == 6
+
+
+def test_oracle_follows_the_decoder_after_leaving_a_stale_reference(tiny):
+    """A reference that is wrong from token 10 on is re-derived from the row's own output."""
+    loaded, refs = tiny
+    k = 4
+    stale = refs[0][:10] + [(t + 1) % 200 for t in refs[0][10:]]
+    seqs = make_sequences(loaded, RAGGED[:1], NEW_TOKENS, eos=False)
+
+    def regenerate(seq):
+        (again,) = generate(loaded, make_sequences(loaded, [seq.prompt_ids + seq.output_ids], 48, eos=False), 0)
+        return again.output_ids
+
+    override = oracle_drafts({seqs[0].seq_id: stale}, regenerate=regenerate)
+    generate(loaded, seqs, k, override)
+    assert seqs[0].output_ids == refs[0]
+    assert override.seconds > 0  # the stale reference was replaced once the row left it
+    stats = seqs[0].stats
+    assert stats.accepted >= stats.drafted - 2 * k - k  # all but the iteration at the bad token and the last
