@@ -145,6 +145,7 @@ class Engine:
         }
         if loop.adaptive is not None:
             out["acceptance_per_offset"] = loop.adaptive.acceptance()
+            out["calibration_s"] = loop.calibration_s
         return out
 
     async def shutdown(self) -> None:

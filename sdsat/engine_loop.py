@@ -23,6 +23,7 @@ from typing import Callable
 
 from .adaptive import AdaptiveK
 from .batch import Batch, Sequence, StepEvent
+from .calibrate import calibrate
 from .engine_types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
 from .models import LoadedModel
 from .sampling import SamplingBatch, SamplingParams
@@ -161,11 +162,13 @@ class DecodeLoop:
         self.greedy = self._new_batch(Batch)
         self.sampling = self._new_batch(SamplingBatch)
         self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
+        self.calibration_s: float | None = None  # seconds the start-up calibration took (None: not run)
 
     def _new_batch(self, kind: type[Batch]) -> Batch:
         return kind(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id)
 
     def run(self) -> None:
+        self._calibrate()
         while not self.inbox.should_stop():
             try:
                 self._admit()
@@ -180,6 +183,18 @@ class DecodeLoop:
                 log.exception("engine loop failed")
                 self._fail_rows([*self.running], exc)
         self._drain(EngineError("the engine shut down before this request finished"))
+
+    def _calibrate(self) -> None:
+        """Time plain and drafting steps per batch size before traffic; requests that arrive
+        meanwhile wait in the queue. A failure leaves adaptive k to measure online."""
+        if self.adaptive is None or not self.config.calibrate or not self.num_sat:
+            return
+        try:
+            self.calibration_s = calibrate(
+                self.loaded, self.adaptive, self.config.max_batch_size, banned=self.banned, pad_id=self.pad_id
+            )
+        except Exception:
+            log.exception("adaptive k calibration failed; measuring online instead")
 
     # ---- joining and leaving -------------------------------------------------------------
 

@@ -11,6 +11,7 @@ class EngineConfig:
     max_batch_size: int = 16  # rows decoding together (greedy and sampling together)
     num_sat: int | None = None  # default k; None: the model's trained k (or all its SATs), 0 without SATs
     adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
+    calibrate: bool = True  # adaptive: time plain and drafting steps per batch size before serving
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
 

@@ -1,10 +1,23 @@
-"""Adaptive k with hand-made timings and acceptance rates."""
+"""Adaptive k with hand-made timings and acceptance rates; start-up calibration on a tiny model."""
 
 from __future__ import annotations
 
 import pytest
 
-from sdsat.adaptive import AdaptiveK, bucket, choose_k, expected_tokens, interpolate_times
+import asyncio
+
+from sdsat.adaptive import (
+    AdaptiveK,
+    bucket,
+    calibration_sizes,
+    choose_k,
+    expected_tokens,
+    interpolate,
+    interpolate_times,
+)
+from sdsat.calibrate import calibrate
+from sdsat.engine import Engine, EngineConfig, Request
+from tests.conftest import tiny_loaded
 
 
 def test_expected_tokens():
@@ -88,3 +101,87 @@ def test_adaptive_lowers_k_as_the_batch_grows():
             adaptive.observe(batch, k, step_time(batch, k), accepted=[min(k, 2)] * batch)
     assert adaptive.propose(1) > adaptive.propose(16)
     assert adaptive.propose(16) == 0
+
+
+def test_choose_k_needs_a_margin_over_plain():
+    # k=1: 2.5 tokens / 0.048 s = 52.1/s against plain 1 / 0.02 = 50/s: 4% better.
+    times, accept = {0: 0.020, 1: 0.048}, [0.5]
+    assert choose_k(times, accept) == 1
+    assert choose_k(times, accept, margin=0.05) == 0  # within the noise: plain
+    assert choose_k(times, accept, margin=0.03) == 1
+
+
+def test_interpolate_over_batch_sizes():
+    assert interpolate({1: 1.0, 4: 4.0}, 2) == 2.0
+    assert interpolate({1: 1.0, 4: 4.0}, 9) == 4.0  # flat beyond
+    assert interpolate({4: 4.0}, 1) == 4.0
+
+
+def test_times_interpolate_between_measured_batch_sizes():
+    adaptive = AdaptiveK(2)
+    for size, k, t in [(1, 0, 0.02), (16, 0, 0.05), (1, 2, 0.05), (16, 2, 0.20)]:
+        adaptive.observe(size, k, t, accepted=[])
+    times = adaptive.times(8)
+    assert times[0] == pytest.approx(0.02 + 0.03 * 7 / 15)
+    assert times[2] == pytest.approx(0.05 + 0.15 * 7 / 15)
+    assert times[1] == times[2]  # k=1 never measured: flat in k below the measured k=2
+    # 9-16 has a measurement for k = 0 and 2 but none for k = 1 yet: measure it first
+    assert adaptive.propose(12) == 1
+
+
+def test_a_time_measured_only_at_small_batches_is_not_stretched_to_large_ones():
+    adaptive = AdaptiveK(5)
+    for size in (1, 16):  # calibrated: plain, k=1 and k=5 at both ends
+        for k, t in {0: 0.02, 1: 0.05, 5: 0.07}.items():
+            adaptive.observe(size, k, t * size ** 0.5, accepted=[])
+    adaptive.observe(4, 2, 0.08, accepted=[])  # an exploring step at batch 4
+    times = adaptive.times(16)
+    assert times[2] == pytest.approx(0.05 * 4 + 0.02 * 4 * 1 / 4)  # from k = 1 and 5 at 16, not 0.08
+    assert adaptive.times(4)[2] == 0.08
+
+
+def test_exploring_from_plain_tries_one_sat():
+    adaptive = AdaptiveK(4, explore_every=4)
+    for size in (1,):
+        for k in (0, 1, 4):
+            adaptive.observe(size, k, {0: 0.02, 1: 0.1, 4: 0.2}[k], accepted=[])
+    seen = [adaptive.propose(1) for _ in range(1)]
+    for _ in range(8):
+        k = adaptive.propose(1)
+        seen.append(k)
+        adaptive.observe(1, k, {0: 0.02, 1: 0.1, 2: 0.13, 4: 0.2}[k], accepted=[0] if k else [])
+    assert set(seen) == {0, 1}  # plain, except the exploring steps, which try k = 1
+
+
+def test_calibration_sizes():
+    assert calibration_sizes(1) == [1]
+    assert calibration_sizes(16) == [1, 2, 4, 8, 16]
+    assert calibration_sizes(12) == [1, 2, 4, 8, 12]
+
+
+def test_calibrate_fills_every_bucket_and_leaves_acceptance_alone():
+    loaded = tiny_loaded("llama", k=4)
+    adaptive = AdaptiveK(4)
+    before = adaptive.acceptance()
+    calibrate(loaded, adaptive, 8, banned=loaded.sat.unique_ids, pad_id=0, repeats=2)
+    assert {key for key in adaptive.step_seconds} == {(s, k) for s in (1, 2, 4, 8) for k in (0, 1, 4)}
+    assert all(t > 0 for t in adaptive.step_seconds.values())
+    assert adaptive.acceptance() == before  # dummy drafts say nothing about real ones
+    for size in range(1, 9):  # no first measurement left for live traffic
+        assert all(adaptive._measured_near(size, k) for k in (0, 1, 4))
+
+
+def test_engine_calibrates_before_serving_and_stays_exact():
+    loaded = tiny_loaded("llama", k=4)
+
+    async def main():
+        engine = Engine(loaded, EngineConfig(num_sat=4, max_batch_size=4))
+        try:
+            out = [c async for c in engine.generate(Request([5, 6, 7], max_new_tokens=12))]
+            return out, engine.snapshot()
+        finally:
+            await engine.shutdown()
+
+    chunks, snap = asyncio.run(main())
+    assert snap["calibration_s"] is not None and snap["calibration_s"] > 0
+    assert sum(len(c.token_ids) for c in chunks) == 12

@@ -54,14 +54,15 @@ def run_engine(loaded, body, config=None, on_step=None):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_concurrent_greedy_equals_generate_alone(tiny, adaptive):
+@pytest.mark.parametrize("adaptive,calibrate", [(False, False), (True, True), (True, False)])
+def test_concurrent_greedy_equals_generate_alone(tiny, adaptive, calibrate):
     steps = []
 
     async def body(engine):
         return await asyncio.gather(*[collect(engine, Request(p, NEW)) for p in PROMPTS])
 
-    results = run_engine(tiny, body, EngineConfig(num_sat=4, adaptive=adaptive), steps.append)
+    config = EngineConfig(num_sat=4, adaptive=adaptive, calibrate=calibrate)
+    results = run_engine(tiny, body, config, steps.append)
     for prompt, (tokens, text, chunks) in zip(PROMPTS, results):
         ref = alone(tiny, prompt)
         assert tokens == ref.output_ids
@@ -74,8 +75,10 @@ def test_concurrent_greedy_equals_generate_alone(tiny, adaptive):
     assert max(s.batch_size for s in steps) > 1
     if not adaptive:
         assert all(s.k == 4 for s in steps) and all(r[2][-1].stats["mode"] == "sdsat" for r in results)
+    elif not calibrate:
+        assert {s.k for s in steps} >= {0, 1, 4}  # it measured plain, k=1 and k_max online
     else:
-        assert {s.k for s in steps} >= {0, 1, 4}  # it measured plain, k=1 and k_max
+        assert all(0 <= s.k <= 4 for s in steps)  # calibrated before traffic: any k it chose
 
 
 def test_num_sat_zero_is_plain(tiny):
