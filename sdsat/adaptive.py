@@ -92,10 +92,10 @@ class AdaptiveK:
         self,
         k_max: int,
         *,
-        time_ema: float = 0.3,
+        time_ema: float = 0.1,
         accept_decay: float = 0.98,
         explore_every: int = 64,
-        margin: float = 0.05,
+        margin: float = 0.1,
         prior: tuple[float, float] = (1.0, 2.0),
         seed: int = 0,
     ):
