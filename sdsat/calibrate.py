@@ -16,7 +16,8 @@ import statistics
 import time
 
 from .adaptive import AdaptiveK, calibration_sizes
-from .batch import Batch, Sequence
+from .batch import Batch
+from .generate import make_sequences, max_prompt_len
 from .models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def calibrate(
     for size in calibration_sizes(max_batch_size):
         batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=pad_id)
         # no EOS and no stop strings: every row stays for every round
-        batch.add([Sequence(list(prompt), new_tokens) for _ in range(size)])
+        batch.add(make_sequences(loaded, [prompt] * size, new_tokens, eos=False))
         samples: dict[int, list[float]] = {k: [] for k in ks}
         for round_ in range(1 + repeats):  # round 0 warms each path up and is not timed
             for k in ks:
@@ -61,18 +62,10 @@ def calibrate(
 
 def _prompt_ids(loaded: LoadedModel, length: int, new_tokens: int) -> list[int]:
     """A code-like prompt of ``length`` tokens (fewer if the context is short)."""
-    try:
-        ids = list(loaded.tokenizer(PROMPT_TEXT)["input_ids"])
-    except Exception:  # a tokenizer without __call__ (tests' tiny ones)
-        ids = []
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     sat = set(loaded.sat.sat_ids) if loaded.sat else set()
-    ids = [t for t in ids if t < vocab and t not in sat] or [1]
-    context = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None) or length * 4
-    length = max(1, min(length, context - new_tokens - adaptive_margin(loaded)))
+    ids = [t for t in loaded.tokenizer.encode(PROMPT_TEXT) if t < vocab and t not in sat] or [1]
+    fit = max_prompt_len(loaded, new_tokens)
+    if fit is not None:
+        length = max(1, min(length, fit))
     return (ids * (length // len(ids) + 1))[:length]
-
-
-def adaptive_margin(loaded: LoadedModel) -> int:
-    """Room beyond the last token for a draft block."""
-    return (loaded.sat.num_sat if loaded.sat else 0) + 1

@@ -22,16 +22,30 @@ def make_sequences(
 ) -> list[Sequence]:
     """Sequences for these token-id prompts, checked against the model's context length."""
     eos_ids = frozenset(_eos_ids(loaded)) if eos else frozenset()
-    limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    limit = _context(loaded)
+    fit = max_prompt_len(loaded, max_new_tokens)
     out = []
     for i, prompt in enumerate(prompts):
-        if limit and len(prompt) + max_new_tokens + (loaded.sat.num_sat if loaded.sat else 0) + 1 > limit:
+        if fit is not None and len(prompt) > fit:
             raise ValueError(
                 f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                 f"the model's context of {limit} tokens"
             )
         out.append(Sequence(list(prompt), max_new_tokens, eos_ids, tuple(stop)))
     return out
+
+
+def _context(loaded: LoadedModel) -> int | None:
+    return getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def max_prompt_len(loaded: LoadedModel, max_new_tokens: int) -> int | None:
+    """The longest prompt that fits the model's context with max_new_tokens and room for a
+    draft block beyond the last token (None: the context is not known)."""
+    limit = _context(loaded)
+    if not limit:
+        return None
+    return limit - max_new_tokens - (loaded.sat.num_sat if loaded.sat else 0) - 1
 
 
 def stream(

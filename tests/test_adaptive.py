@@ -17,6 +17,7 @@ from sdsat.adaptive import (
 )
 from sdsat.calibrate import calibrate
 from sdsat.engine import Engine, EngineConfig, Request
+from sdsat.generate import generate, make_sequences
 from tests.conftest import tiny_loaded
 
 
@@ -142,14 +143,14 @@ def test_a_time_measured_only_at_small_batches_is_not_stretched_to_large_ones():
 
 def test_exploring_from_plain_tries_one_sat():
     adaptive = AdaptiveK(4, explore_every=4)
-    for size in (1,):
-        for k in (0, 1, 4):
-            adaptive.observe(size, k, {0: 0.02, 1: 0.1, 4: 0.2}[k], accepted=[])
-    seen = [adaptive.propose(1) for _ in range(1)]
+    times = {0: 0.02, 1: 0.1, 2: 0.13, 4: 0.2}  # drafting never pays
+    for k in (0, 1, 4):
+        adaptive.observe(1, k, times[k], accepted=[])
+    seen = []
     for _ in range(8):
         k = adaptive.propose(1)
         seen.append(k)
-        adaptive.observe(1, k, {0: 0.02, 1: 0.1, 2: 0.13, 4: 0.2}[k], accepted=[0] if k else [])
+        adaptive.observe(1, k, times[k], accepted=[0] if k else [])
     assert set(seen) == {0, 1}  # plain, except the exploring steps, which try k = 1
 
 
@@ -173,15 +174,17 @@ def test_calibrate_fills_every_bucket_and_leaves_acceptance_alone():
 
 def test_engine_calibrates_before_serving_and_stays_exact():
     loaded = tiny_loaded("llama", k=4)
+    prompt = [5, 6, 7]
 
     async def main():
         engine = Engine(loaded, EngineConfig(num_sat=4, max_batch_size=4))
         try:
-            out = [c async for c in engine.generate(Request([5, 6, 7], max_new_tokens=12))]
+            out = [c async for c in engine.generate(Request(prompt, max_new_tokens=12))]
             return out, engine.snapshot()
         finally:
             await engine.shutdown()
 
     chunks, snap = asyncio.run(main())
     assert snap["calibration_s"] is not None and snap["calibration_s"] > 0
-    assert sum(len(c.token_ids) for c in chunks) == 12
+    ref = generate(loaded, make_sequences(loaded, [prompt], 12), num_sat=0)[0]
+    assert [t for c in chunks for t in c.token_ids] == ref.output_ids
