@@ -12,16 +12,15 @@ tokens there: a near-tie is rounding, anything else is a bug.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from jobs.prompts import load_prompts
+from jobs.report import write_json
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from sdsat.models import load_model
 from sdsat.stats import DecodeStats
@@ -36,7 +35,7 @@ NEAR_TIE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="'default', a checkpoint directory, or a Hugging Face id")
+    p.add_argument("--model", default="default", help="'default', a checkpoint or artifact directory, or a Hugging Face id")
     p.add_argument("--num-sat", type=int, default=5, help="k: SATs (drafts) per iteration")
     p.add_argument("--prompts", default="humaneval:20", help="a JSONL file of {\"prompt\": ...}, or humaneval[:N]")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -201,8 +200,7 @@ def main(argv=None) -> dict:
     }
     print_table(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -10,13 +10,13 @@ that decide the speed-up. jobs/bench.py confirms with timings and exactness.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
+from jobs.report import write_json  # noqa: E402
 from sdsat.generate import generate, make_sequences  # noqa: E402
 from sdsat.models import load_model  # noqa: E402
 from sdsat.stats import DecodeStats  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     rates = " ".join(f"{r:.2f}" for r in result["accept_rate_per_offset"])
     print(f"tau {result['tau']:.2f} | accepted/iteration {result['accepted_per_iteration']:.2f} | per offset {rates}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 

@@ -25,6 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.prompts import load_prompts  # noqa: E402
+from jobs.report import write_json  # noqa: E402
 
 FALLBACK_PROMPTS = [
     "def fibonacci(n):\n",
@@ -246,8 +247,7 @@ def main(argv=None) -> dict:
         if x is not None:
             print(f"concurrency {c}: SDSAT / plain throughput = {x:.2f}x")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
     return report
 
 

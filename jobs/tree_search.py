@@ -14,7 +14,6 @@ optimistic in absolute terms; compare trees with it, then measure with jobs/benc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
+from jobs.report import write_json  # noqa: E402
 from sdsat.decoding import forward, prefill  # noqa: E402
 from sdsat.generate import generate, make_sequences  # noqa: E402
 from sdsat.kv_cache import SlotCache  # noqa: E402
@@ -95,8 +95,7 @@ def main(argv=None) -> dict:
         result["trees"].append({"nodes": tree.size, "spec": tree.spec, "accepted_per_pass": accepted})
         log.info("%3d nodes: %.3f accepted drafts per pass  --tree '%s'", tree.size, accepted, tree.spec)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 
