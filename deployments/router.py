@@ -33,6 +33,9 @@ class RouterSettings:
     model_name: str = "sdsat-default"
     api_key: str | None = None  # None or "": no authentication
     health_timeout_s: float = 10.0
+    # A request whose replica dies before anything reached the client is sent again, this many
+    # times, after 0.5 s, 1 s, 2 s...: a whole non-streamed request, or a streamed one before its first item.
+    replica_retries: int = 3
 
 
 @serve.deployment(name="Router")
@@ -86,6 +89,20 @@ class Router:
             message = f"The model `{body.model}` does not exist; this server serves `{self.settings.model_name}`"
             raise APIError(404, message, "model", "model_not_found")
         params = {**prompt, **body.engine_params(), "request_id": fmt.request_id}
+        for attempt in range(self.settings.replica_retries + 1):
+            try:
+                if body.stream:
+                    chunks, first = await self._open(params)
+                    return StreamingResponse(stream.sse_events(chunks, first, fmt), media_type="text/event-stream")
+                return JSONResponse(fmt.final(await self._collect(params)))
+            except stream.ReplicaLost:
+                if attempt == self.settings.replica_retries:
+                    raise
+                log.warning("request %s: model replica lost, sending it again (retry %d)", fmt.request_id, attempt + 1)
+                await asyncio.sleep(0.5 * 2**attempt)
+
+    async def _open(self, params: dict):
+        """Send the request to a model replica; return its stream and first item (which says it took it)."""
         chunks = self.server.options(stream=True).generate.remote(params)
         try:
             first = await stream.next_item(chunks)
@@ -93,12 +110,15 @@ class Router:
             chunks.cancel()
             raise
         if first is None or "error" in first:
+            chunks.cancel()
             raise APIError.from_dict(first["error"] if first else {"message": "the model replica sent nothing"})
-        if body.stream:
-            return StreamingResponse(stream.sse_events(chunks, first, fmt), media_type="text/event-stream")
+        return chunks, first
+
+    async def _collect(self, params: dict) -> Collected:
+        """A whole non-streamed answer."""
+        chunks, chunk = await self._open(params)
         collected = Collected()
         try:
-            chunk = first
             while chunk is not None:
                 if "error" in chunk:
                     raise APIError.from_dict(chunk["error"])
@@ -107,5 +127,4 @@ class Router:
         finally:
             # A client that went away cancels this handler; cancel the request downstream too.
             chunks.cancel()
-        return JSONResponse(fmt.final(collected))
-
+        return collected

@@ -46,6 +46,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica before 503s (-1: no limit).")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that give none.")
+    replica_retries: int = Field(
+        3, ge=0, description="Times a request is sent again when its replica dies before the client got any of it."
+    )
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
 
@@ -109,7 +112,7 @@ def build_app(args: AppArgs | dict | None = None):
     model_deployment = SDSATServer.options(**options).bind(server)
     router = Router.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_cpus})
     log.info("SDSAT app: model %s as %r, %s GPU(s)/replica, auth %s", args.model, name, gpus, "on" if api_key else "off")
-    return router.bind(model_deployment, RouterSettings(model_name=name, api_key=api_key or None))
+    return router.bind(model_deployment, RouterSettings(model_name=name, api_key=api_key or None, replica_retries=args.replica_retries))
 
 
 app = build_app()

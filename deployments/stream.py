@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.errors import APIError
@@ -93,6 +94,13 @@ class Formatter:
         return events
 
 
+class ReplicaLost(APIError):
+    """The model replica died or became unreachable mid-request; the request may be sent again."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(503, f"the model replica was lost ({type(exc).__name__}); retry", None, "replica_failed")
+
+
 async def next_item(chunks) -> dict | None:
     """The next streamed item, None at the end; replica failures become OpenAI errors."""
     try:
@@ -103,6 +111,9 @@ async def next_item(chunks) -> dict | None:
         raise APIError(503, f"server overloaded, retry later: {exc}", None, "overloaded") from exc
     except asyncio.CancelledError:
         raise
+    except RayActorError as exc:
+        log.warning("model replica lost: %r", exc)
+        raise ReplicaLost(exc) from exc
     except Exception as exc:  # noqa: BLE001 - a replica died or failed mid-request
         log.warning("model replica call failed: %r", exc)
         raise APIError(503, f"the model replica failed ({type(exc).__name__}); retry", None, "replica_failed") from exc
