@@ -49,6 +49,11 @@ class AppArgs(BaseModel):
     replica_retries: int = Field(
         3, ge=0, description="Times a request is sent again when its replica dies before the client got any of it."
     )
+    fused: bool = Field(
+        True, description="One pass per iteration verifies the drafts and drafts the next; false: the paper's two passes."
+    )
+    lookup: int = Field(16, ge=0, description="With fused: also verify up to this many prompt-lookup drafts (0: none).")
+    lookup_first: bool = Field(True, description="With lookup: a pass where every request has lookup drafts skips SATs.")
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
 
@@ -56,6 +61,8 @@ class AppArgs(BaseModel):
     def _check(self) -> "AppArgs":
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
+        if self.lookup and not self.fused:
+            raise ValueError("lookup drafts need fused=true (set lookup=0 for the two-step iteration)")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size cannot exceed max_ongoing_requests (the batch would never fill)")
         return self
@@ -91,6 +98,9 @@ def build_app(args: AppArgs | dict | None = None):
         default_max_tokens=args.default_max_tokens,
         max_queue=max(args.max_ongoing_requests, args.max_batch_size),
         adaptive=args.adaptive,
+        fused=args.fused,
+        lookup=args.lookup,
+        lookup_first=args.lookup_first,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},

@@ -41,6 +41,9 @@ class ServerSettings:
     default_max_tokens: int = 256  # chat requests without max_tokens
     max_queue: int = 256
     adaptive: bool = True
+    fused: bool = True
+    lookup: int = 16
+    lookup_first: bool = True
 
 
 def find_default_export() -> Path | None:
@@ -111,6 +114,9 @@ class SDSATServer:
             max_batch_size=settings.max_batch_size,
             num_sat=self.num_sat,
             adaptive=settings.adaptive,
+            fused=settings.fused,
+            lookup=settings.lookup,
+            lookup_first=settings.lookup_first,
             max_new_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
         )

@@ -3,6 +3,10 @@
     python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
         --dtype bfloat16 --json results/bench.json
 
+The decoder is the fused one-pass iteration (sdsat/fused.py) with up to 16 prompt-lookup
+drafts, SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
+``--lookup 0``: SAT drafts only; ``--num-sat 0``: lookup only); ``--two-step`` is the
+paper's draft-pass-then-verify-pass iteration, which ``--tree`` and ``--oracle-drafts`` use.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
@@ -44,13 +48,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); none by default")
     p.add_argument("--tree", default="", help="verify a draft tree, e.g. 2,2,1,1,1 (depth <= --num-sat); none: the chain")
+    p.add_argument(
+        "--two-step", action="store_true",
+        help="the paper's iteration (a draft pass, then a verify pass) instead of the fused one-pass iteration",
+    )
+    p.add_argument("--lookup", type=int, default=16, help="fused: also verify up to N prompt-lookup drafts (0: none)")
+    p.add_argument(
+        "--lookup-first", action=argparse.BooleanOptionalAction, default=True,
+        help="fused: a pass where lookup finds drafts verifies those alone (SAT drafts where it finds none)",
+    )
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
-    if args.num_sat < 1:
-        p.error("--num-sat must be >= 1")
+    if args.tree or args.oracle_drafts:
+        args.two_step = True  # both are two-step features
+    if args.lookup < 0:
+        p.error("--lookup must be >= 0")
+    if args.two_step:
+        args.lookup = 0
+    if args.num_sat < 0 or (args.num_sat == 0 and not args.lookup):
+        p.error("--num-sat must be >= 1 (0 only with --lookup N: prompt lookup alone)")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
     if args.tree:
@@ -63,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(loaded, prompts, args, k: int, references=None):
-    """Decode every prompt in batches; return (outputs, stats, seconds)."""
+def run(loaded, prompts, args, k: int, references=None, draft: bool = True):
+    """Decode every prompt in batches (draft=False: plain greedy); return (outputs, stats, seconds)."""
+    k = k if draft else 0
     outputs, stats, seconds = [], [], 0.0
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
@@ -74,7 +94,10 @@ def run(loaded, prompts, args, k: int, references=None):
             refs = references[start : start + args.batch_size]
             override = oracle_drafts({s.seq_id: r for s, r in zip(seqs, refs)}, regenerate=plain_continuation(loaded))
         t0 = time.perf_counter()
-        generate(loaded, seqs, k, override, (args.tree or None) if k else None)
+        fused = draft and not args.two_step
+        tree = (args.tree or None) if k else None
+        lookup = args.lookup if fused else 0
+        generate(loaded, seqs, k, override, tree, fused=fused, lookup=lookup, lookup_first=args.lookup_first)
         seconds += time.perf_counter() - t0
         if override is not None:  # leave out the untimed re-derivation of oracle references
             seconds -= override.seconds
@@ -140,7 +163,7 @@ def main(argv=None) -> dict:
              args.batch_size, len(prompts), args.max_new_tokens)
 
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "stop": []})
-    run(loaded, prompts[:1], warm, 0)
+    run(loaded, prompts[:1], warm, k, draft=False)
     run(loaded, prompts[:1], warm, k)
 
     plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
@@ -148,7 +171,7 @@ def main(argv=None) -> dict:
     step = args.batch_size
     for start in range(0, len(prompts), step):  # interleaved, batch by batch
         chunk = prompts[start : start + step]
-        out, stats, secs = run(loaded, chunk, args, 0)
+        out, stats, secs = run(loaded, chunk, args, k, draft=False)
         plain_out += out
         plain_stats += stats
         plain_s += secs
@@ -182,6 +205,9 @@ def main(argv=None) -> dict:
         "stop": args.stop,
         "oracle_drafts": args.oracle_drafts,
         "tree": args.tree or None,
+        "decoder": "two-step" if args.two_step else "fused",
+        "lookup": args.lookup,
+        "lookup_first": args.lookup_first,
         "plain_tokens_per_s": plain_tokens / plain_s,
         "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
         "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),

@@ -2,7 +2,9 @@
 
 Per decode iteration, plain decoding (k = 0) yields 1 token in one pass; SDSAT with k SATs
 yields E[tokens | k] = 2 + sum_{i=1..k} prod_{j<=i} p_j in two passes, where p_j is the
-conditional acceptance at offset j (draft j accepted given drafts 1..j-1 were). The best k
+conditional acceptance at offset j (draft j accepted given drafts 1..j-1 were); the fused
+iteration (sdsat/fused.py) yields 1 + the same sum, in one pass, summed up to the lookup
+drafts' length when that is longer. The best k
 maximises E[tokens | k] / time(iteration with k); drafting is chosen only when it beats the
 plain step by a margin, so estimation noise falls back to plain decoding, never below it.
 
@@ -18,27 +20,33 @@ from __future__ import annotations
 import random
 
 
-def expected_tokens(accept: list[float], k: int) -> float:
-    """E[new tokens per iteration | k]: 1 for plain decoding, 2 + sum_i prod_{j<=i} p_j for SDSAT."""
+def expected_tokens(accept: list[float], k: int, base: float = 2.0, reach: int | None = None) -> float:
+    """E[new tokens per iteration | k]: 1 for plain decoding, base + sum_i prod_{j<=i} p_j for
+    SDSAT over the first ``reach`` offsets (default k). base: tokens an iteration yields with no
+    draft accepted, 2 for the two-step iteration (y0 and the bonus), 1 for the fused one."""
     if k == 0:
         return 1.0
-    total, prod = 2.0, 1.0
-    for p in accept[:k]:
+    total, prod = base, 1.0
+    for p in accept[: k if reach is None else reach]:
         prod *= p
         total += prod
     return total
 
 
-def choose_k(step_seconds: dict[int, float], accept: list[float], margin: float = 0.0) -> int:
+def choose_k(
+    step_seconds: dict[int, float], accept: list[float], margin: float = 0.0, base: float = 2.0, lookup: int = 0
+) -> int:
     """The k with the most expected tokens per second; ties go to the smaller k.
 
     step_seconds: k -> time of one iteration with that k (k = 0: a plain step).
-    accept: [k_max] conditional acceptance per offset.
+    accept: conditional acceptance per offset (k_max of them, or more with lookup drafts).
     margin: drafting (k > 0) must beat the plain step's rate by this fraction, else k = 0.
+    base, lookup: the fused iteration yields 1 token with no draft accepted, and its lookup
+    drafts reach ``lookup`` offsets whatever k is.
     """
     if not step_seconds:
         raise ValueError("choose_k needs at least one measured step time")
-    rates = {k: expected_tokens(accept, k) / t for k, t in step_seconds.items()}
+    rates = {k: expected_tokens(accept, k, base, max(k, lookup)) / t for k, t in step_seconds.items()}
     best = max(sorted(rates), key=lambda k: (rates[k], -k))
     if best and 0 in rates and rates[best] < rates[0] * (1 + margin):
         return 0
@@ -98,20 +106,25 @@ class AdaptiveK:
         margin: float = 0.1,
         prior: tuple[float, float] = (1.0, 2.0),
         seed: int = 0,
+        fused: bool = False,
+        lookup: int = 0,
     ):
         self.k_max = k_max
+        self.base = 1.0 if fused else 2.0  # tokens a drafting iteration yields with nothing accepted
+        self.lookup = lookup if fused else 0  # lookup drafts reach this many offsets at any k > 0
+        depth = max(k_max, self.lookup)
         self.time_ema = time_ema  # weight of a new step time
         self.accept_decay = accept_decay  # per observed step
         self.explore_every = explore_every  # one exploring step (a neighbour of the best k) in this many
         self.margin = margin  # drafting must beat plain by this fraction of its rate
         self.step_seconds: dict[tuple[int, int], float] = {}  # (batch size, k) -> EMA of iteration time
-        self.accepted = [prior[0]] * k_max  # decayed count of drafts accepted at offset j
-        self.reached = [prior[1]] * k_max  # decayed count of drafts at offset j whose predecessors were accepted
+        self.accepted = [prior[0]] * depth  # decayed count of drafts accepted at offset j
+        self.reached = [prior[1]] * depth  # decayed count of drafts at offset j whose predecessors were accepted
         self.steps = 0
         self.rng = random.Random(seed)
 
     def acceptance(self) -> list[float]:
-        """[k_max]: conditional acceptance per offset."""
+        """[max(k_max, lookup)]: conditional acceptance per offset."""
         return [a / r for a, r in zip(self.accepted, self.reached)]
 
     def times(self, batch_size: int) -> dict[int, float]:
@@ -143,7 +156,7 @@ class AdaptiveK:
         return any(kk == k and bucket(size) == b for size, kk in self.step_seconds)
 
     def best(self, batch_size: int) -> int:
-        return choose_k(self.times(batch_size), self.acceptance(), self.margin)
+        return choose_k(self.times(batch_size), self.acceptance(), self.margin, self.base, self.lookup)
 
     def propose(self, batch_size: int) -> int:
         """k for the next step: measure the plain step, k = 1 and k_max once per batch-size
@@ -176,7 +189,7 @@ class AdaptiveK:
         self.accepted = [x * self.accept_decay for x in self.accepted]
         self.reached = [x * self.accept_decay for x in self.reached]
         for a in accepted:
-            for j in range(min(a + 1, k)):  # offset j+1 was reached: drafts 1..j accepted
+            for j in range(min(a + 1, max(k, self.lookup))):  # offset j+1 was reached: drafts 1..j accepted
                 self.reached[j] += 1
                 if a > j:
                     self.accepted[j] += 1

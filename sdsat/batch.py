@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 from .decoding import plain_step, prefill, sdsat_step
+from .fused import fused_step
 from .kv_cache import SlotCache
+from .lookup import lookup_drafts
 from .stats import DecodeStats
 from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
@@ -105,6 +107,9 @@ class Batch:
         self.sequences: list[Sequence] = []
         self.cache = SlotCache.for_model(model, 0)
         self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
+        self.pending: torch.Tensor | None = None  # [B, k]: fused mode's SAT drafts for the next step
+        # A token that stands in for missing drafts: a SAT id (never accepted) where there is one.
+        self.pending_filler = int(self.banned[0]) if self.banned.numel() else pad_id
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -123,6 +128,7 @@ class Batch:
         self.cache.extend(cache)
         self.last = torch.cat([self.last, last])
         self.sequences.extend(sequences)
+        self.pending = None if self.pending is None else self._pad_rows(self.pending, len(sequences))
 
     @torch.inference_mode()
     def step(
@@ -130,11 +136,17 @@ class Batch:
         sat_ids: list[int],
         draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
         tree: DraftTree | None = None,
+        fused: bool = False,
+        lookup: int = 0,
+        lookup_first: bool = False,
     ) -> list[StepEvent]:
         """One iteration for every row: draft-then-verify with these SATs, or plain if none.
 
         tree: verify a draft tree (depth len(sat_ids)) instead of the chain of top-1 drafts;
         draft_override then replaces the top-1 candidate of every depth.
+        fused: one pass verifies the pending drafts and drafts the next ones (sdsat/fused.py),
+        with up to ``lookup`` prompt-lookup drafts verified beside them; lookup_first: when every
+        row has lookup drafts, verify those alone (no SAT nodes in that pass).
         Finished sequences leave the batch after the step.
         """
         if not self.sequences:
@@ -142,7 +154,10 @@ class Batch:
         start = time.perf_counter()
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
-        if k == 0:
+        fused = fused and (k > 0 or lookup > 0)
+        if not (fused and k):
+            self.pending = None  # drafts made for the old position would be off
+        if k == 0 and not fused:
             nxt = plain_step(self.model, self.cache, self.last, self.banned)
             emitted = [[t] for t in nxt.tolist()]
             self.last = nxt
@@ -152,7 +167,11 @@ class Batch:
             if draft_override is not None:
                 override = lambda drafts: draft_override(self.sequences, drafts)  # noqa: E731
             sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
-            if tree is None:
+            if fused:
+                if draft_override is not None or tree is not None:
+                    raise ValueError("fused decoding takes no draft override or tree")
+                emitted, accepted, offered = self._fused(sat, lookup, lookup_first)
+            elif tree is None:
                 emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
             else:
                 first = None
@@ -161,7 +180,7 @@ class Batch:
                 emitted, self.last, _ = sdsat_tree_step(
                     self.model, self.cache, self.last, sat, self.banned, tree, first
                 )
-            passes = 2
+            passes = 1 if fused else 2
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
         events = []
@@ -171,7 +190,10 @@ class Batch:
             stats.forward_passes += passes
             stats.forward_s += forward_s
             stats.decode_s += wall_s
-            if k:
+            if fused:
+                if offered:
+                    stats.record_drafts(offered, accepted[len(events)])
+            elif k:
                 stats.record_drafts(k, len(tokens) - 2)
             kept = seq.append(tokens, self.tokenizer)
             stats.new_tokens += len(kept)
@@ -194,3 +216,48 @@ class Batch:
         self.cache.select_rows(keep)
         self.last = self.last[keep]
         self.sequences = [self.sequences[i] for i in keep]
+        if self.pending is not None:
+            self.pending = self.pending[keep]
+
+    def _pad_rows(self, pending: torch.Tensor, rows: int) -> torch.Tensor:
+        """New rows have no SAT drafts yet: a SAT id, never accepted, stands in."""
+        pad = torch.full((rows, pending.shape[1]), self.pending_filler, dtype=torch.long, device=self.device)
+        return torch.cat([pending, pad])
+
+    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int]:
+        """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row
+        and the longest draft chain offered."""
+        rows = len(self.sequences)
+        # Any token may stand in for a missing draft (verification keeps the output exact); a
+        # SAT id is never accepted, so it costs no wasted commits.
+        if sat.numel():
+            self.pending_filler = int(sat[0])
+        elif self.banned.numel():
+            self.pending_filler = int(self.banned[0])
+        # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its context).
+        guesses = [
+            lookup_drafts(s.prompt_ids + s.output_ids, min(lookup, s.max_new_tokens - len(s.output_ids) - 1))
+            for s in self.sequences
+        ] if lookup else []
+        m = max((len(g) for g in guesses), default=0)
+        if lookup_first and m and all(guesses):  # every row has lookup drafts: verify those alone
+            sat = sat[:0]
+        pending = self._pending_chain(rows)
+        c = pending.shape[1]
+        if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
+            self.last = plain_step(self.model, self.cache, self.last, self.banned)
+            return [[t] for t in self.last.tolist()], [0] * rows, 0
+        table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
+        for row, g in enumerate(guesses):
+            if g:
+                table[row, : len(g)] = torch.tensor(g, dtype=torch.long)
+        emitted, self.last, nxt, accepted = fused_step(self.model, self.cache, self.last, pending, table, sat, self.banned)
+        self.pending = nxt if nxt.shape[1] else None
+        return emitted, accepted, max(c, m)
+
+    def _pending_chain(self, rows: int) -> torch.Tensor:
+        """The SAT drafts to verify [rows, c]: trailing columns that hold no row's draft are cut."""
+        if self.pending is None or self.pending.shape[0] != rows:
+            return torch.empty(rows, 0, dtype=torch.long, device=self.device)
+        real = (self.pending != self.pending_filler).any(dim=0).nonzero()
+        return self.pending[:, : int(real[-1]) + 1] if real.numel() else self.pending[:, :0]

@@ -34,13 +34,18 @@ def calibrate(
     pad_id: int,
     repeats: int = 3,
     prompt_len: int = 128,
+    fused: bool = False,
+    lookup: int = 0,
+    lookup_first: bool = False,
 ) -> float:
-    """Fill ``adaptive``'s time table; return the seconds it took."""
+    """Fill ``adaptive``'s time table; return the seconds it took. fused, lookup, lookup_first:
+    time the fused iteration (the dummy prompt repeats itself, so lookup drafts are as long as
+    they get)."""
     start = time.perf_counter()
     if adaptive.k_max == 0:
         return 0.0
     ks = sorted({0, 1, adaptive.k_max})
-    new_tokens = (1 + repeats) * sum(k + 2 for k in ks)  # an upper bound on what the rounds emit
+    new_tokens = (1 + repeats) * sum(max(k, lookup) + 2 for k in ks)  # an upper bound on what the rounds emit
     prompt = _prompt_ids(loaded, prompt_len, new_tokens)
     for size in calibration_sizes(max_batch_size):
         batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=pad_id)
@@ -50,7 +55,7 @@ def calibrate(
         for round_ in range(1 + repeats):  # round 0 warms each path up and is not timed
             for k in ks:
                 t0 = time.perf_counter()
-                batch.step(loaded.require_sat(k))
+                batch.step(loaded.require_sat(k), fused=fused, lookup=lookup if k else 0, lookup_first=lookup_first)
                 if round_:
                     samples[k].append(time.perf_counter() - t0)
         for k, times in samples.items():

@@ -141,6 +141,9 @@ class Engine:
             "k": loop.k,
             "num_sat": self.num_sat,
             "adaptive": loop.adaptive is not None,
+            "fused": self.config.fused,
+            "lookup": self.config.lookup,
+            "lookup_first": self.config.lookup_first,
             "totals": totals,
         }
         if loop.adaptive is not None:

@@ -155,7 +155,7 @@ class DecodeLoop:
         self.inbox = inbox
         self.on_step = on_step
         self.num_sat = num_sat  # the largest k; the adaptive choice stays within 0..num_sat
-        self.adaptive = AdaptiveK(num_sat) if config.adaptive else None
+        self.adaptive = AdaptiveK(num_sat, fused=config.fused, lookup=config.lookup) if config.adaptive else None
         self.k = num_sat  # k of the latest greedy step
         self.banned = loaded.sat.unique_ids if loaded.sat else []
         self.pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
@@ -191,7 +191,14 @@ class DecodeLoop:
             return
         try:
             self.calibration_s = calibrate(
-                self.loaded, self.adaptive, self.config.max_batch_size, banned=self.banned, pad_id=self.pad_id
+                self.loaded,
+                self.adaptive,
+                self.config.max_batch_size,
+                banned=self.banned,
+                pad_id=self.pad_id,
+                fused=self.config.fused,
+                lookup=self.config.lookup,
+                lookup_first=self.config.lookup_first,
             )
         except Exception:
             log.exception("adaptive k calibration failed; measuring online instead")
@@ -257,7 +264,12 @@ class DecodeLoop:
         size = len(batch)
         start = time.perf_counter()
         try:
-            events = batch.step(self.loaded.require_sat(k)) if greedy else batch.step()
+            if greedy:  # lookup drafts only beside SAT drafts: k = 0 is the plain step
+                cfg = self.config
+                sat = self.loaded.require_sat(k)
+                events = batch.step(sat, fused=cfg.fused, lookup=cfg.lookup if k else 0, lookup_first=cfg.lookup_first)
+            else:
+                events = batch.step()
         except Exception as exc:
             log.exception("decode step failed (batch of %d, k=%d)", size, k)
             self._fail_rows([s.seq_id for s in batch.sequences], exc)

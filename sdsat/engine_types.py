@@ -12,6 +12,9 @@ class EngineConfig:
     num_sat: int | None = None  # default k; None: the model's trained k (or all its SATs), 0 without SATs
     adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
     calibrate: bool = True  # adaptive: time plain and drafting steps per batch size before serving
+    fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/fused.py)
+    lookup: int = 16  # fused: also verify up to this many prompt-lookup drafts per row (0: none)
+    lookup_first: bool = True  # a pass where every row has lookup drafts verifies those alone
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
 
@@ -22,6 +25,10 @@ class EngineConfig:
             raise ValueError(f"num_sat must be >= 0, got {self.num_sat}")
         if self.max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
+        if self.lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {self.lookup}")
+        if self.lookup and not self.fused:
+            raise ValueError("lookup drafts need fused=True (set lookup=0 for the two-step iteration)")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 

@@ -54,6 +54,9 @@ def stream(
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
     tree: DraftTree | str | None = None,
+    fused: bool = False,
+    lookup: int = 0,
+    lookup_first: bool = False,
 ) -> Iterator[list[StepEvent]]:
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
@@ -61,7 +64,14 @@ def stream(
     tree: a draft tree (or its spec, e.g. "2,2,1,1,1") to verify instead of the chain of
     top-1 drafts (see sdsat/tree.py); None: the chain. Its depth (at most k) is the number
     of SATs each draft pass uses.
+    fused: verify the drafts and draft the next ones in one pass (sdsat/fused.py), with up to
+    ``lookup`` prompt-lookup drafts verified beside the SAT drafts (0: none); lookup_first:
+    a pass where every row has lookup drafts verifies those alone.
     """
+    if lookup and not fused:
+        raise ValueError("lookup drafts need fused=True")
+    if lookup < 0:
+        raise ValueError(f"lookup must be >= 0, got {lookup}")
     sat_ids = loaded.require_sat(num_sat)
     tree = as_tree(tree)
     if tree is not None:
@@ -72,7 +82,7 @@ def stream(
     batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0)
     batch.add(sequences)
     while len(batch):
-        yield batch.step(sat_ids, draft_override, tree)
+        yield batch.step(sat_ids, draft_override, tree, fused=fused, lookup=lookup, lookup_first=lookup_first)
 
 
 def generate(
@@ -81,9 +91,12 @@ def generate(
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
     tree: DraftTree | str | None = None,
+    fused: bool = False,
+    lookup: int = 0,
+    lookup_first: bool = False,
 ) -> list[Sequence]:
     """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
-    for _ in stream(loaded, sequences, num_sat, draft_override, tree):
+    for _ in stream(loaded, sequences, num_sat, draft_override, tree, fused, lookup, lookup_first):
         pass
     return sequences
 

@@ -28,6 +28,22 @@ def test_expected_tokens():
     assert expected_tokens([0.0, 1.0, 1.0], 3) == 2.0  # nothing past a rejected offset counts
 
 
+def test_expected_tokens_of_the_fused_iteration():
+    # One token with nothing accepted; lookup drafts reach past k.
+    assert expected_tokens([0.9, 0.5], 2, base=1.0) == pytest.approx(1 + 0.9 + 0.45)
+    assert expected_tokens([0.5, 0.5, 0.5], 1, base=1.0, reach=3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_fused_adaptive_tracks_acceptance_up_to_the_lookup_length():
+    adaptive = AdaptiveK(2, fused=True, lookup=4, prior=(0.0, 1.0))
+    assert len(adaptive.acceptance()) == 4
+    adaptive.observe(1, 2, 0.01, [4])  # a lookup chain of 4 accepted at k = 2
+    assert all(a > 0 for a in adaptive.acceptance())
+    # Plain: 1 token per time unit. Fused k=1: 1.5 units for 1 + 0.4 (+ 0.16 + ... with lookup).
+    assert choose_k({0: 1.0, 1: 1.5}, [0.4] * 4, base=1.0, lookup=4) == 1  # 1.65 tokens
+    assert choose_k({0: 1.0, 1: 1.5}, [0.4] * 4, base=1.0, lookup=0) == 0  # 1.4 tokens
+
+
 def test_choose_k_trades_acceptance_against_time():
     accept = [0.8, 0.7, 0.6, 0.5]
     # A GPU-like server: wider passes cost little, so drafting all 4 wins.

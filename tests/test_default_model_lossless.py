@@ -67,6 +67,17 @@ def test_sdsat_equals_plain_greedy_batched(setup, k):
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
 
 
+@pytest.mark.parametrize("k,lookup,first", [(5, 0, False), (5, 10, False), (5, 10, True), (0, 10, False)])
+def test_fused_with_lookup_equals_plain_greedy(setup, k, lookup, first):
+    """One pass per iteration (sdsat/fused.py), SAT and/or prompt-lookup drafts."""
+    loaded, prompts, plain = setup
+    seqs = make_sequences(loaded, prompts, NEW_TOKENS, eos=False)
+    generate(loaded, seqs, k, fused=True, lookup=lookup, lookup_first=first)
+    assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
+    if lookup:
+        assert sum(s.stats.accepted for s in seqs) > 0
+
+
 def test_sdsat_with_oracle_drafts_equals_plain_greedy(setup):
     """Every draft accepted: each verify pass commits k+1 tokens computed in one pass."""
     loaded, prompts, plain = setup

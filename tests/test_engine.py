@@ -54,14 +54,18 @@ def run_engine(loaded, body, config=None, on_step=None):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("adaptive,calibrate", [(False, False), (True, True), (True, False)])
-def test_concurrent_greedy_equals_generate_alone(tiny, adaptive, calibrate):
+@pytest.mark.parametrize(
+    "adaptive,calibrate,fused",
+    [(False, False, ""), (True, True, ""), (True, False, ""), (False, False, "fused"), (True, True, "fused+lookup")],
+)
+def test_concurrent_greedy_equals_generate_alone(tiny, adaptive, calibrate, fused):
     steps = []
 
     async def body(engine):
         return await asyncio.gather(*[collect(engine, Request(p, NEW)) for p in PROMPTS])
 
-    config = EngineConfig(num_sat=4, adaptive=adaptive, calibrate=calibrate)
+    lookup = {"lookup": 6, "lookup_first": True} if "lookup" in fused else {"lookup": 0}
+    config = EngineConfig(num_sat=4, adaptive=adaptive, calibrate=calibrate, fused=bool(fused), **lookup)
     results = run_engine(tiny, body, config, steps.append)
     for prompt, (tokens, text, chunks) in zip(PROMPTS, results):
         ref = alone(tiny, prompt)
@@ -145,6 +149,13 @@ def test_cancel_by_id_ends_with_cancelled(tiny):
     tokens = [t for c in chunks for t in c.token_ids]
     assert "".join(c.text for c in chunks) == tiny.tokenizer.decode(tokens)
     assert 0 < chunks[-1].completion_tokens < 500
+
+
+def test_lookup_without_fused_is_refused():
+    with pytest.raises(ValueError, match="lookup drafts need fused=True"):
+        EngineConfig(fused=False, lookup=4)
+    with pytest.raises(ValueError, match="lookup must be >= 0"):
+        EngineConfig(lookup=-1)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +294,8 @@ def test_max_batch_size_caps_the_rows(tiny):
 
 
 @pytest.mark.slow
-def test_default_model_concurrent_equals_alone(default_fp32):
+@pytest.mark.parametrize("fused", [False, True])
+def test_default_model_concurrent_equals_alone(default_fp32, fused):
     tok = default_fp32.tokenizer
     texts = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n", "Once upon a time"]
     prompts = [tok.encode(t) for t in texts]
@@ -294,7 +306,8 @@ def test_default_model_concurrent_equals_alone(default_fp32):
     async def body(engine):
         return await asyncio.gather(*[collect(engine, Request(p, 24, stop=s)) for p, s in zip(prompts, stops)])
 
-    results = run_engine(default_fp32, body, EngineConfig(num_sat=4), steps.append)
+    config = EngineConfig(num_sat=4, fused=fused, lookup=8 if fused else 0, lookup_first=fused)
+    results = run_engine(default_fp32, body, config, steps.append)
     for prompt, stop, (tokens, text, chunks) in zip(prompts, stops, results):
         ref = alone(default_fp32, prompt, n=24, stop=stop)
         assert tokens == ref.output_ids

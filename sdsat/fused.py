@@ -1,0 +1,85 @@
+"""Fused SDSAT: verify this iteration's drafts and draft the next ones in one pass.
+
+SDSAT's two-step iteration spends a whole pass on drafting ([last, sat_1..sat_k]). Here the
+draft block rides along in the verify pass instead. One pass feeds, per row, at positions
+relative to ``last`` (at position L, not yet in the cache):
+
+- the root, ``last`` (depth 0);
+- the pending SAT drafts p_1..p_k, a chain under the root (depths 1..k);
+- the prompt-lookup drafts l_1..l_m (:mod:`sdsat.lookup`), a second chain (depths 1..m);
+- the draft block sat_1..sat_k, a third chain under the root (depths 1..k): exactly the
+  draft pass's SATs, seeing the cache, ``last`` and the SATs before them.
+
+Every node sees the committed cache and its own ancestors only (:mod:`sdsat.tree`'s
+ancestor mask). A draft is accepted when it equals its parent's argmax and its parent is
+accepted; SAT ids are never an argmax, so the block is never accepted. The deepest
+accepted node (a = its depth) ends the path; emitted are its a drafts and the bonus, the
+argmax there: a + 1 tokens, each what plain greedy decoding gives after the ones before,
+so the output is exactly plain greedy. The bonus, at position L+a+1, is the next ``last``.
+
+Next drafts: the argmax e_i at sat_i guesses the token at L+1+i. The next iteration needs
+guesses for L+a+2 onwards: e_{a+1}..e_k (k-a of them; fresh when a = 0, the usual case);
+the rest of the chain is filled with a SAT id, which is never accepted. One pass per
+iteration, a + 1 tokens, against two passes and a + 2 tokens for the two-step iteration.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .decoding import forward, greedy
+from .kv_cache import SlotCache
+from .tree import DraftTree, tree_accept
+
+
+@lru_cache(maxsize=256)
+def layout(c: int, m: int, k: int) -> DraftTree:
+    """Nodes: root; SAT-draft chain (c); lookup chain (m); draft block (k)."""
+    if min(c, m, k) < 0 or c + m + k == 0:
+        raise ValueError(f"fused layout needs lengths >= 0 and some nodes, got c={c}, m={m}, k={k}")
+    parents, depths = [-1], [0]
+    for length in (c, m, k):
+        start = len(parents)
+        for d in range(1, length + 1):
+            parents.append(0 if d == 1 else start + d - 2)
+            depths.append(d)
+    n = len(parents)
+    return DraftTree(parents=tuple(parents), depths=tuple(depths), ranks=(0,) * n, spec=f"fused c={c} m={m} k={k}")
+
+
+def fused_step(
+    model,
+    cache: SlotCache,
+    last: torch.Tensor,
+    pending: torch.Tensor,
+    lookup: torch.Tensor,
+    sat_ids: torch.Tensor,
+    banned: torch.Tensor | None,
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, list[int]]:
+    """One fused iteration. last [B], pending [B, c] (SAT drafts, SAT-id filled where none),
+    lookup [B, m] (likewise), sat_ids [k] (the draft block; empty: no block, so no next drafts).
+    With c = k = 0 this is prompt-lookup decoding, which needs no SATs.
+
+    Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next
+    SAT drafts [B, k]; accepted drafts per row).
+    """
+    batch, c = pending.shape
+    m, k = lookup.shape[1], sat_ids.numel()
+    tree = layout(c, m, k)
+    t = tree.on(last.device)
+    block = sat_ids[None, :].expand(batch, -1)
+    tokens = torch.cat([last[:, None], pending, lookup, block], dim=1)  # [B, N]
+    z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, N]
+    paths, emitted, bonus = tree_accept(tokens, z, tree)
+    cache.keep_slots(paths)  # last and the accepted drafts
+    accepted = [len(p) - 1 for p in paths]
+    nxt = z[:, :0]
+    if k:
+        guesses = z[:, 1 + c + m :]  # [B, k]: e_i guesses position L+1+i
+        a = torch.tensor(accepted, device=last.device)[:, None]
+        index = a + torch.arange(k, device=last.device)[None, :]  # e_{a+1}.. for L+a+2..
+        filler = sat_ids[0].expand(batch, k)
+        nxt = torch.where(index < k, guesses.gather(1, index.clamp(max=k - 1)), filler)
+    return [row[1:] for row in emitted], bonus, nxt, accepted

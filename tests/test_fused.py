@@ -1,0 +1,185 @@
+"""Fused SDSAT (verify and draft in one pass) and prompt-lookup drafts: exactly plain greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdsat.batch import Batch
+from sdsat.decoding import prefill
+from sdsat.fused import fused_step, layout
+from sdsat.generate import generate, make_sequences
+from sdsat.kv_cache import SlotCache
+from sdsat.lookup import lookup_drafts
+from tests.conftest import hf_greedy, tiny_loaded
+
+NEW_TOKENS = 40
+RAGGED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25], [3]]
+GARBAGE = 200
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request):
+    loaded = tiny_loaded(request.param, k=8)
+    refs = [hf_greedy(loaded, p, NEW_TOKENS) for p in RAGGED]
+    return loaded, refs
+
+
+# --- Lookup drafts ------------------------------------------------------------------------------
+
+
+def test_lookup_takes_the_newest_match_of_the_longest_ngram():
+    history = [1, 2, 3, 9, 9, 2, 3, 7, 8, 1, 2, 3]
+    # "1 2 3" occurred at 0 (then 9 9 2 ...); "2 3" also at 5 (then 7 8) but 3-grams win.
+    assert lookup_drafts(history, 3) == [9, 9, 2]
+    assert lookup_drafts([4, 2, 3, 5, 6, 0, 2, 3], 2) == [5, 6]  # no 3-gram: the 2-gram "2 3"
+    assert lookup_drafts([4, 5, 4, 6, 4, 7, 4], 5) == [7, 4]  # newest match of "4", cut at the end
+
+
+def test_lookup_without_a_match_gives_nothing():
+    assert lookup_drafts([1, 2, 3, 4], 4) == []
+    assert lookup_drafts([7], 4) == []
+    assert lookup_drafts([1, 2, 1, 2], 0) == []
+
+
+# --- The layout ---------------------------------------------------------------------------------
+
+
+def test_layout_has_three_chains_under_the_root():
+    tree = layout(3, 2, 3)
+    assert tree.size == 1 + 3 + 2 + 3
+    assert tree.parents == (-1, 0, 1, 2, 0, 4, 0, 6, 7)
+    assert tree.depths == (0, 1, 2, 3, 1, 2, 1, 2, 3)
+    anc = tree.on("cpu").ancestors
+    assert anc[8].nonzero()[:, 0].tolist() == [0, 6, 7, 8]  # the block sees the root and itself only
+    assert anc[5].nonzero()[:, 0].tolist() == [0, 4, 5]
+    assert layout(0, 2, 0).parents == (-1, 0, 1)  # lookup only
+    with pytest.raises(ValueError, match="some nodes"):
+        layout(0, 0, 0)
+
+
+# --- Exactness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "k,lookup,first", [(1, 0, False), (4, 0, False), (4, 4, False), (8, 3, False), (2, 10, False), (0, 5, False), (4, 6, True)]
+)
+def test_fused_equals_plain_greedy(tiny, k, lookup, first):
+    loaded, refs = tiny
+    seqs = make_sequences(loaded, RAGGED, NEW_TOKENS, eos=False)
+    generate(loaded, seqs, k, fused=True, lookup=lookup, lookup_first=first)
+    assert [s.output_ids for s in seqs] == refs
+    for seq in seqs:
+        assert seq.stats.forward_passes == seq.stats.iterations  # one pass per iteration
+        assert seq.stats.new_tokens == NEW_TOKENS
+
+
+def test_lookup_drafts_are_accepted_on_repetitive_output(tiny):
+    """Tiny random models fall into loops, which lookup drafts predict."""
+    loaded, refs = tiny
+    without = generate(loaded, make_sequences(loaded, RAGGED, NEW_TOKENS, eos=False), 4, fused=True)
+    seqs = generate(loaded, make_sequences(loaded, RAGGED, NEW_TOKENS, eos=False), 4, fused=True, lookup=4)
+    assert [s.output_ids for s in seqs] == refs
+    assert sum(s.stats.iterations for s in seqs) < sum(s.stats.iterations for s in without)
+
+
+def planted_decode(loaded, prompts, refs, k: int, pending_true: bool, lookup_true: bool, m: int):
+    """Decode with fused_step, planting the true continuation as SAT drafts (k) and/or lookup drafts (m)."""
+    model = loaded.model
+    cache = SlotCache.for_model(model, len(prompts))
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = torch.tensor(loaded.sat.ids_for(k))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    accepted_log = []
+    with torch.inference_mode():
+        last = prefill(model, cache, prompts, 0)
+        while min(len(o) for o in outputs) < NEW_TOKENS:
+            # Row b has emitted len(outputs[b]) tokens; ``last`` is the newest; drafts follow it.
+            width = max(k, m)
+            true = [ref[len(out) : len(out) + width] for ref, out in zip(refs, outputs)]
+            true = [t + [GARBAGE] * (width - len(t)) for t in true]
+            garbage = [[GARBAGE + 1] * width for _ in prompts]
+            pending = torch.tensor(true if pending_true else garbage)[:, :k]
+            lookup = torch.tensor(true if lookup_true else garbage)[:, :m]
+            emitted, last, _, accepted = fused_step(model, cache, last, pending, lookup, sat, banned)
+            for b, tokens in enumerate(emitted):
+                outputs[b] += tokens
+            accepted_log.append(accepted)
+    return [o[:NEW_TOKENS] for o in outputs], accepted_log, cache
+
+
+@pytest.mark.parametrize(
+    "pending_true,lookup_true,m,want", [(True, False, 3, 4), (False, True, 3, 3), (False, True, 7, 7), (False, False, 3, 0)]
+)
+def test_planted_drafts_are_accepted_from_either_chain(tiny, pending_true, lookup_true, m, want):
+    """k = 4 SAT drafts, m lookup drafts (longer than k too): the true chain is accepted whole."""
+    loaded, refs = tiny
+    k = 4
+    outputs, accepted, cache = planted_decode(loaded, RAGGED, refs, k, pending_true, lookup_true, m)
+    assert outputs == refs
+    # Every step but those near the end (where the reference runs out) accepts `want` drafts.
+    assert all(a == want for a in accepted[0])
+    assert cache.lengths == [len(p) - 1 + sum(a + 1 for a in col) for p, col in zip(RAGGED, zip(*accepted))]
+
+
+def test_rows_joining_a_fused_batch_mid_way(tiny):
+    """The serving pattern: a row joins after others took fused steps; all stay exact."""
+    loaded, refs = tiny
+    k = 4
+    sat = loaded.sat.ids_for(k)
+    batch = Batch(loaded.model, banned_ids=loaded.sat.unique_ids)
+    first = make_sequences(loaded, RAGGED[:2], NEW_TOKENS, eos=False)
+    later = make_sequences(loaded, RAGGED[2:], NEW_TOKENS, eos=False)
+    batch.add(first)
+    for _ in range(3):
+        batch.step(sat, fused=True, lookup=2)
+    batch.add(later)
+    batch.step([])  # a plain step between fused ones drops the pending drafts
+    while len(batch):
+        batch.step(sat, fused=True, lookup=2)
+    assert [s.output_ids for s in first + later] == refs
+
+
+def test_lookup_needs_fused_and_is_not_negative(tiny):
+    loaded, _ = tiny
+    seqs = make_sequences(loaded, RAGGED[:1], 4, eos=False)
+    with pytest.raises(ValueError, match="fused=True"):
+        generate(loaded, seqs, 4, lookup=2)
+    with pytest.raises(ValueError, match="lookup must be >= 0"):
+        generate(loaded, seqs, 2, fused=True, lookup=-1)
+
+
+@pytest.mark.parametrize("planted", [0, 2])
+def test_next_drafts_are_the_draft_pass_guesses_past_the_accepted_ones(tiny, planted):
+    """The block's guess i is the two-step draft pass's draft i (same cache, same ``last``);
+    after a accepted drafts the next chain starts at guess a+1, SAT-filled at the end."""
+    from sdsat.decoding import draft
+
+    loaded, refs = tiny
+    k = 4
+    prompts = RAGGED[:1]
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = torch.tensor(loaded.sat.ids_for(k))
+    with torch.inference_mode():
+        two_step = SlotCache.for_model(loaded.model, 1)
+        last = prefill(loaded.model, two_step, prompts, 0)
+        _, drafts = draft(loaded.model, two_step, last, sat, banned)
+        cache = SlotCache.for_model(loaded.model, 1)
+        last = prefill(loaded.model, cache, prompts, 0)
+        pending = torch.tensor([refs[0][:planted] + [GARBAGE] * (k - planted)])
+        _, _, nxt, accepted = fused_step(loaded.model, cache, last, pending, torch.empty(1, 0, dtype=torch.long), sat, banned)
+    assert accepted == [planted]
+    expected = drafts[0, planted:].tolist() + [int(sat[0])] * planted
+    assert nxt[0].tolist() == expected
+
+
+def test_lookup_alone_works_for_a_model_without_sats():
+    """k = 0 with lookup drafts is prompt-lookup decoding: no SATs needed, output unchanged."""
+    from dataclasses import replace
+
+    loaded = replace(tiny_loaded("llama", k=8), sat=None)
+    plain = generate(loaded, make_sequences(loaded, RAGGED, NEW_TOKENS, eos=False), 0)
+    seqs = generate(loaded, make_sequences(loaded, RAGGED, NEW_TOKENS, eos=False), 0, fused=True, lookup=6)
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in plain]
+    assert sum(s.stats.iterations for s in seqs) < sum(s.stats.iterations for s in plain)
+    assert sum(s.stats.accepted for s in seqs) > 0
