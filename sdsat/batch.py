@@ -17,7 +17,7 @@ import torch
 from .decoding import plain_step, prefill, sdsat_step
 from .fused import fused_step
 from .kv_cache import SlotCache
-from .lookup import lookup_drafts
+from .lookup import LookupIndex
 from .stats import DecodeStats
 from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
@@ -110,6 +110,7 @@ class Batch:
         self.pending: torch.Tensor | None = None  # [B, k]: fused mode's SAT drafts for the next step
         # A token that stands in for missing drafts: a SAT id (never accepted) where there is one.
         self.pending_filler = int(self.banned[0]) if self.banned.numel() else pad_id
+        self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index (fused mode)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -216,6 +217,8 @@ class Batch:
         self.cache.select_rows(keep)
         self.last = self.last[keep]
         self.sequences = [self.sequences[i] for i in keep]
+        kept = {s.seq_id for s in self.sequences}
+        self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
         if self.pending is not None:
             self.pending = self.pending[keep]
 
@@ -235,10 +238,7 @@ class Batch:
         elif self.banned.numel():
             self.pending_filler = int(self.banned[0])
         # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its context).
-        guesses = [
-            lookup_drafts(s.prompt_ids + s.output_ids, min(lookup, s.max_new_tokens - len(s.output_ids) - 1))
-            for s in self.sequences
-        ] if lookup else []
+        guesses = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
         m = max((len(g) for g in guesses), default=0)
         if lookup_first and m and all(guesses):  # every row has lookup drafts: verify those alone
             sat = sat[:0]
@@ -254,6 +254,14 @@ class Batch:
         emitted, self.last, nxt, accepted = fused_step(self.model, self.cache, self.last, pending, table, sat, self.banned)
         self.pending = nxt if nxt.shape[1] else None
         return emitted, accepted, max(c, m)
+
+    def _lookup(self, seq: Sequence, m: int) -> list[int]:
+        """Up to m prompt-lookup drafts for this row (an index per row, kept up to date)."""
+        index = self.lookups.get(seq.seq_id)
+        if index is None:
+            index = self.lookups[seq.seq_id] = LookupIndex(seq.prompt_ids)
+        index.extend(seq.output_ids[len(index.tokens) - len(seq.prompt_ids) :])
+        return index.drafts(m)
 
     def _pending_chain(self, rows: int) -> torch.Tensor:
         """The SAT drafts to verify [rows, c]: trailing columns that hold no row's draft are cut."""

@@ -10,7 +10,7 @@ from sdsat.decoding import prefill
 from sdsat.fused import fused_step, layout
 from sdsat.generate import generate, make_sequences
 from sdsat.kv_cache import SlotCache
-from sdsat.lookup import lookup_drafts
+from sdsat.lookup import LookupIndex, lookup_drafts
 from tests.conftest import hf_greedy, tiny_loaded
 
 NEW_TOKENS = 40
@@ -34,6 +34,21 @@ def test_lookup_takes_the_newest_match_of_the_longest_ngram():
     assert lookup_drafts(history, 3) == [9, 9, 2]
     assert lookup_drafts([4, 2, 3, 5, 6, 0, 2, 3], 2) == [5, 6]  # no 3-gram: the 2-gram "2 3"
     assert lookup_drafts([4, 5, 4, 6, 4, 7, 4], 5) == [7, 4]  # newest match of "4", cut at the end
+
+
+def test_lookup_index_agrees_with_the_scan_as_the_sequence_grows():
+    import random
+
+    rng = random.Random(0)
+    for trial in range(20):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 5))]
+        index = LookupIndex(list(tokens))
+        for _ in range(60):
+            for m in (1, 4):
+                assert index.drafts(m) == lookup_drafts(tokens, m), (trial, tokens, m)
+            new = [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
+            tokens += new
+            index.extend(new)
 
 
 def test_lookup_without_a_match_gives_nothing():
