@@ -53,7 +53,7 @@ class AppArgs(BaseModel):
         True, description="One pass per iteration verifies the drafts and drafts the next; false: the paper's two passes."
     )
     lookup: int = Field(16, ge=0, description="With fused: also verify up to this many prompt-lookup drafts (0: none).")
-    lookup_first: bool = Field(True, description="With lookup: a pass where every request has lookup drafts skips SATs.")
+    lookup_first: bool = Field(True, description="With lookup: SAT drafts only where lookup finds none (false: both in every pass).")
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
 

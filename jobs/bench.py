@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lookup", type=int, default=16, help="fused: also verify up to N prompt-lookup drafts (0: none)")
     p.add_argument(
         "--lookup-first", action=argparse.BooleanOptionalAction, default=True,
-        help="fused: a pass where lookup finds drafts verifies those alone (SAT drafts where it finds none)",
+        help="fused: a pass where lookup finds drafts runs no SAT draft block (SAT drafts only where it finds none)",
     )
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")

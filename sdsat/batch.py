@@ -147,7 +147,8 @@ class Batch:
         draft_override then replaces the top-1 candidate of every depth.
         fused: one pass verifies the pending drafts and drafts the next ones (sdsat/fused.py),
         with up to ``lookup`` prompt-lookup drafts verified beside them; lookup_first: when every
-        row has lookup drafts, verify those alone (no SAT nodes in that pass).
+        row has lookup drafts, run no SAT draft block in that pass (so SAT drafts are made only
+        where lookup finds none).
         Finished sequences leave the batch after the step.
         """
         if not self.sequences:
@@ -240,7 +241,7 @@ class Batch:
         # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its context).
         guesses = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
         m = max((len(g) for g in guesses), default=0)
-        if lookup_first and m and all(guesses):  # every row has lookup drafts: verify those alone
+        if lookup_first and m and all(guesses):  # every row has lookup drafts: no draft block
             sat = sat[:0]
         pending = self._pending_chain(rows)
         c = pending.shape[1]

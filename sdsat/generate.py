@@ -66,7 +66,7 @@ def stream(
     of SATs each draft pass uses.
     fused: verify the drafts and draft the next ones in one pass (sdsat/fused.py), with up to
     ``lookup`` prompt-lookup drafts verified beside the SAT drafts (0: none); lookup_first:
-    a pass where every row has lookup drafts verifies those alone.
+    a pass where every row has lookup drafts runs no SAT draft block.
     """
     if lookup and not fused:
         raise ValueError("lookup drafts need fused=True")
