@@ -8,7 +8,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.errors import APIError
@@ -95,10 +94,11 @@ class Formatter:
 
 
 class ReplicaLost(APIError):
-    """The model replica died or became unreachable mid-request; the request may be sent again."""
+    """The call to the model replica failed (it died, became unreachable, or Serve could not
+    deliver the request); nothing reached the client from it yet, so it may be sent again."""
 
     def __init__(self, exc: BaseException):
-        super().__init__(503, f"the model replica was lost ({type(exc).__name__}); retry", None, "replica_failed")
+        super().__init__(503, f"the model replica failed ({type(exc).__name__}); retry", None, "replica_failed")
 
 
 async def next_item(chunks) -> dict | None:
@@ -111,12 +111,10 @@ async def next_item(chunks) -> dict | None:
         raise APIError(503, f"server overloaded, retry later: {exc}", None, "overloaded") from exc
     except asyncio.CancelledError:
         raise
-    except RayActorError as exc:
-        log.warning("model replica lost: %r", exc)
-        raise ReplicaLost(exc) from exc
-    except Exception as exc:  # noqa: BLE001 - a replica died or failed mid-request
+    except Exception as exc:  # noqa: BLE001 - a replica died or the call failed (the replica's own
+        # errors come as error items, not exceptions): the router may send the request again
         log.warning("model replica call failed: %r", exc)
-        raise APIError(503, f"the model replica failed ({type(exc).__name__}); retry", None, "replica_failed") from exc
+        raise ReplicaLost(exc) from exc
 
 
 async def sse_events(chunks, first: dict, fmt: Formatter):

@@ -161,18 +161,30 @@ class AdaptiveK:
     def propose(self, batch_size: int) -> int:
         """k for the next step: measure the plain step, k = 1 and k_max once per batch-size
         bucket (unless calibrated), then exploit, and now and then try a neighbour of the
-        best k so that both estimates stay fresh."""
+        best k so that both estimates stay fresh (less often where the neighbour is dearer)."""
         if self.k_max == 0:
             return 0
         for k in (0, 1, self.k_max):
             if not self._measured_near(batch_size, k):
                 return k
-        best = self.best(batch_size)
-        if self.explore_every and self.steps % self.explore_every == self.explore_every - 1:
+        times = self.times(batch_size)
+        best = choose_k(times, self.acceptance(), self.margin, self.base, self.lookup)
+        period = self._explore_period(times, best)
+        if period and self.steps % period == period - 1:
             if best == 0 or (best < self.k_max and self.rng.random() < 0.5):
                 return best + 1
             return best - 1
         return best
+
+    def _explore_period(self, times: dict[int, float], best: int) -> int:
+        """Steps between exploring steps: ``explore_every``, stretched by how much dearer the
+        dearest neighbour of ``best`` is, so exploring costs about the same share of time
+        whatever it tries (a fused step over 16 rows can cost several plain steps)."""
+        if not self.explore_every:
+            return 0
+        neighbours = [times[k] for k in (best - 1, best + 1) if 0 <= k <= self.k_max and k in times]
+        ratio = max(neighbours, default=0.0) / times[best] if times.get(best) else 1.0
+        return max(self.explore_every, round(self.explore_every * ratio))
 
     def set_time(self, batch_size: int, k: int, step_s: float) -> None:
         """Set a measured iteration time outright (calibration)."""

@@ -157,17 +157,18 @@ def test_a_time_measured_only_at_small_batches_is_not_stretched_to_large_ones():
     assert adaptive.times(4)[2] == 0.08
 
 
-def test_exploring_from_plain_tries_one_sat():
-    adaptive = AdaptiveK(4, explore_every=4)
-    times = {0: 0.02, 1: 0.1, 2: 0.13, 4: 0.2}  # drafting never pays
+def test_exploring_from_plain_tries_one_sat_less_often_when_it_is_dear():
+    adaptive = AdaptiveK(4, explore_every=4, time_ema=0.0)
+    times = {0: 0.02, 1: 0.1, 2: 0.13, 4: 0.2}  # drafting never pays; k = 1 costs 5 plain steps
     for k in (0, 1, 4):
         adaptive.observe(1, k, times[k], accepted=[])
     seen = []
-    for _ in range(8):
+    for _ in range(40):
         k = adaptive.propose(1)
         seen.append(k)
         adaptive.observe(1, k, times[k], accepted=[0] if k else [])
     assert set(seen) == {0, 1}  # plain, except the exploring steps, which try k = 1
+    assert seen.count(1) == 2  # once in 4 * 5 = 20 steps, not once in 4
 
 
 def test_calibration_sizes():
