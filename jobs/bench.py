@@ -83,8 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(loaded, prompts, args, k: int, references=None, draft: bool = True):
-    """Decode every prompt in batches (draft=False: plain greedy); return (outputs, stats, seconds)."""
-    k = k if draft else 0
+    """Decode every prompt in batches (k = 0 and draft=False: plain greedy; k = 0 with lookup
+    drafts: lookup alone); return (outputs, stats, seconds)."""
     outputs, stats, seconds = [], [], 0.0
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
              args.batch_size, len(prompts), args.max_new_tokens)
 
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "stop": []})
-    run(loaded, prompts[:1], warm, k, draft=False)
+    run(loaded, prompts[:1], warm, 0, draft=False)
     run(loaded, prompts[:1], warm, k)
 
     plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
@@ -171,7 +171,7 @@ def main(argv=None) -> dict:
     step = args.batch_size
     for start in range(0, len(prompts), step):  # interleaved, batch by batch
         chunk = prompts[start : start + step]
-        out, stats, secs = run(loaded, chunk, args, k, draft=False)
+        out, stats, secs = run(loaded, chunk, args, 0, draft=False)
         plain_out += out
         plain_stats += stats
         plain_s += secs

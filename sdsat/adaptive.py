@@ -155,8 +155,10 @@ class AdaptiveK:
         b = bucket(batch_size)
         return any(kk == k and bucket(size) == b for size, kk in self.step_seconds)
 
-    def best(self, batch_size: int) -> int:
-        return choose_k(self.times(batch_size), self.acceptance(), self.margin, self.base, self.lookup)
+    def best(self, batch_size: int, times: dict[int, float] | None = None) -> int:
+        """The k to exploit at this batch size (``times``: its estimates, if already made)."""
+        times = self.times(batch_size) if times is None else times
+        return choose_k(times, self.acceptance(), self.margin, self.base, self.lookup)
 
     def propose(self, batch_size: int) -> int:
         """k for the next step: measure the plain step, k = 1 and k_max once per batch-size
@@ -168,7 +170,7 @@ class AdaptiveK:
             if not self._measured_near(batch_size, k):
                 return k
         times = self.times(batch_size)
-        best = choose_k(times, self.acceptance(), self.margin, self.base, self.lookup)
+        best = self.best(batch_size, times)
         period = self._explore_period(times, best)
         if period and self.steps % period == period - 1:
             if best == 0 or (best < self.k_max and self.rng.random() < 0.5):

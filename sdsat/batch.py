@@ -108,7 +108,8 @@ class Batch:
         self.cache = SlotCache.for_model(model, 0)
         self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
         self.pending: torch.Tensor | None = None  # [B, k]: fused mode's SAT drafts for the next step
-        # A token that stands in for missing drafts: a SAT id (never accepted) where there is one.
+        # The token that stands in for missing drafts (verification keeps the output exact either
+        # way): a SAT id, never accepted, where the model has SATs.
         self.pending_filler = int(self.banned[0]) if self.banned.numel() else pad_id
         self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index (fused mode)
 
@@ -160,9 +161,7 @@ class Batch:
         if not (fused and k):
             self.pending = None  # drafts made for the old position would be off
         if k == 0 and not fused:
-            nxt = plain_step(self.model, self.cache, self.last, self.banned)
-            emitted = [[t] for t in nxt.tolist()]
-            self.last = nxt
+            emitted = self._plain()
             passes = 1
         else:
             override = None
@@ -186,7 +185,7 @@ class Batch:
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
         events = []
-        for seq, tokens in zip(self.sequences, emitted):
+        for row, (seq, tokens) in enumerate(zip(self.sequences, emitted)):
             stats = seq.stats
             stats.iterations += 1
             stats.forward_passes += passes
@@ -194,7 +193,7 @@ class Batch:
             stats.decode_s += wall_s
             if fused:
                 if offered:
-                    stats.record_drafts(offered, accepted[len(events)])
+                    stats.record_drafts(offered, accepted[row])
             elif k:
                 stats.record_drafts(k, len(tokens) - 2)
             kept = seq.append(tokens, self.tokenizer)
@@ -232,12 +231,6 @@ class Batch:
         """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row
         and the longest draft chain offered."""
         rows = len(self.sequences)
-        # Any token may stand in for a missing draft (verification keeps the output exact); a
-        # SAT id is never accepted, so it costs no wasted commits.
-        if sat.numel():
-            self.pending_filler = int(sat[0])
-        elif self.banned.numel():
-            self.pending_filler = int(self.banned[0])
         # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its context).
         guesses = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
         m = max((len(g) for g in guesses), default=0)
@@ -246,15 +239,21 @@ class Batch:
         pending = self._pending_chain(rows)
         c = pending.shape[1]
         if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
-            self.last = plain_step(self.model, self.cache, self.last, self.banned)
-            return [[t] for t in self.last.tolist()], [0] * rows, 0
+            return self._plain(), [0] * rows, 0
         table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
         for row, g in enumerate(guesses):
             if g:
                 table[row, : len(g)] = torch.tensor(g, dtype=torch.long)
-        emitted, self.last, nxt, accepted = fused_step(self.model, self.cache, self.last, pending, table, sat, self.banned)
+        emitted, self.last, nxt, accepted = fused_step(
+            self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler
+        )
         self.pending = nxt if nxt.shape[1] else None
         return emitted, accepted, max(c, m)
+
+    def _plain(self) -> list[list[int]]:
+        """One plain greedy step for every row; returns the token each row emitted."""
+        self.last = plain_step(self.model, self.cache, self.last, self.banned)
+        return [[t] for t in self.last.tolist()]
 
     def _lookup(self, seq: Sequence, m: int) -> list[int]:
         """Up to m prompt-lookup drafts for this row (an index per row, kept up to date)."""

@@ -57,10 +57,12 @@ def fused_step(
     lookup: torch.Tensor,
     sat_ids: torch.Tensor,
     banned: torch.Tensor | None,
+    filler: int | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, list[int]]:
     """One fused iteration. last [B], pending [B, c] (SAT drafts, SAT-id filled where none),
     lookup [B, m] (likewise), sat_ids [k] (the draft block; empty: no block, so no next drafts).
-    With c = k = 0 this is prompt-lookup decoding, which needs no SATs.
+    With c = k = 0 this is prompt-lookup decoding, which needs no SATs. filler: the token that
+    fills the next drafts past the block's guesses (default sat_ids[0]; any banned id works).
 
     Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next
     SAT drafts [B, k]; accepted drafts per row).
@@ -80,6 +82,6 @@ def fused_step(
         guesses = z[:, 1 + c + m :]  # [B, k]: e_i guesses position L+1+i
         a = torch.tensor(accepted, device=last.device)[:, None]
         index = a + torch.arange(k, device=last.device)[None, :]  # e_{a+1}.. for L+a+2..
-        filler = sat_ids[0].expand(batch, k)
-        nxt = torch.where(index < k, guesses.gather(1, index.clamp(max=k - 1)), filler)
+        fill = sat_ids[0] if filler is None else filler
+        nxt = torch.where(index < k, guesses.gather(1, index.clamp(max=k - 1)), fill)
     return [row[1:] for row in emitted], bonus, nxt, accepted
