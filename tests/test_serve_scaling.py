@@ -114,6 +114,14 @@ def replica_actors() -> dict:
     return live
 
 
+def one_settled_replica() -> bool:
+    """Exactly one replica, running, and no other replica actor still stopping or starting."""
+    from ray import serve
+
+    deployment = serve.status().applications[APP].deployments["SDSATServer"]
+    return dict(deployment.replica_states) == {"RUNNING": 1} and len(replica_actors()) == 1
+
+
 def wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -135,8 +143,10 @@ def test_killed_replica_loses_no_request_and_is_replaced(base_url):
     """Requests in flight on a killed replica are sent again by the router; none fails."""
     import ray
 
+    # The autoscaler may still be moving after the last test (a replica stopping, one starting):
+    # start from one settled replica, so the victim is the replica that serves.
+    wait_for(one_settled_replica, 90, "one settled replica")
     before = replica_actors()
-    assert before
     with Load(base_url, clients=3) as load:
         wait_for(lambda: len(load.outcomes) >= 3, 60, "requests under load")
         victim = sorted(before)[0]
