@@ -52,7 +52,7 @@ class AppArgs(BaseModel):
     fused: bool = Field(
         True, description="One pass per iteration verifies the drafts and drafts the next; false: the paper's two passes."
     )
-    lookup: int = Field(16, ge=0, description="With fused: also verify up to this many prompt-lookup drafts (0: none).")
+    lookup: int = Field(10, ge=0, description="With fused: also verify a trie of up to this many prompt-lookup drafts (0: none).")
     lookup_first: bool = Field(True, description="With lookup: SAT drafts only where lookup finds none (false: both in every pass).")
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")

@@ -42,7 +42,7 @@ class ServerSettings:
     max_queue: int = 256
     adaptive: bool = True
     fused: bool = True
-    lookup: int = 16
+    lookup: int = 10
     lookup_first: bool = True
 
 

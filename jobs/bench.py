@@ -3,8 +3,8 @@
     python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
         --dtype bfloat16 --json results/bench.json
 
-The decoder is the fused one-pass iteration (sdsat/fused.py) with up to 16 prompt-lookup
-drafts, SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
+The decoder is the fused one-pass iteration (sdsat/fused.py) with a trie of up to 10
+prompt-lookup drafts (sdsat/lookup.py), SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
 ``--lookup 0``: SAT drafts only; ``--num-sat 0``: lookup only); ``--two-step`` is the
 paper's draft-pass-then-verify-pass iteration, which ``--tree`` and ``--oracle-drafts`` use.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--two-step", action="store_true",
         help="the paper's iteration (a draft pass, then a verify pass) instead of the fused one-pass iteration",
     )
-    p.add_argument("--lookup", type=int, default=16, help="fused: also verify up to N prompt-lookup drafts (0: none)")
+    p.add_argument("--lookup", type=int, default=10, help="fused: also verify a trie of up to N prompt-lookup drafts (0: none)")
     p.add_argument(
         "--lookup-first", action=argparse.BooleanOptionalAction, default=True,
         help="fused: a pass where lookup finds drafts runs no SAT draft block (SAT drafts only where it finds none)",

@@ -231,37 +231,43 @@ class Batch:
         """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row
         and the longest draft chain offered."""
         rows = len(self.sequences)
-        # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its context).
-        guesses = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
-        m = max((len(g) for g in guesses), default=0)
-        if lookup_first and m and all(guesses):  # every row has lookup drafts: no draft block
+        # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its
+        # context): a trie of b nodes is at most b deep.
+        tries = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
+        m = max((len(tokens) for tokens, _ in tries), default=0)
+        if lookup_first and m and all(tokens for tokens, _ in tries):  # every row has lookup drafts: no draft block
             sat = sat[:0]
         pending = self._pending_chain(rows)
         c = pending.shape[1]
         if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
             return self._plain(), [0] * rows, 0
         table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
-        for row, g in enumerate(guesses):
-            if g:
-                table[row, : len(g)] = torch.tensor(g, dtype=torch.long)
+        parents = [[-1] * m for _ in range(rows)]  # a row's spare nodes: the filler, under the root
+        deepest = 0
+        for row, (tokens, up) in enumerate(tries):
+            if tokens:
+                table[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                parents[row][: len(up)] = up
+                deepest = max(deepest, _depth(up))
         emitted, self.last, nxt, accepted = fused_step(
-            self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler
+            self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler, parents if m else None
         )
         self.pending = nxt if nxt.shape[1] else None
-        return emitted, accepted, max(c, m)
+        return emitted, accepted, max(c, deepest)
 
     def _plain(self) -> list[list[int]]:
         """One plain greedy step for every row; returns the token each row emitted."""
         self.last = plain_step(self.model, self.cache, self.last, self.banned)
         return [[t] for t in self.last.tolist()]
 
-    def _lookup(self, seq: Sequence, m: int) -> list[int]:
-        """Up to m prompt-lookup drafts for this row (an index per row, kept up to date)."""
+    def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int]]:
+        """This row's prompt-lookup trie of up to ``budget`` nodes, (tokens, parents) (an index
+        per row, kept up to date)."""
         index = self.lookups.get(seq.seq_id)
         if index is None:
             index = self.lookups[seq.seq_id] = LookupIndex(seq.prompt_ids)
         index.extend(seq.output_ids[len(index.tokens) - len(seq.prompt_ids) :])
-        return index.drafts(m)
+        return index.tree(budget)
 
     def _pending_chain(self, rows: int) -> torch.Tensor:
         """The SAT drafts to verify [rows, c]: trailing columns that hold no row's draft are cut."""
@@ -269,3 +275,11 @@ class Batch:
             return torch.empty(rows, 0, dtype=torch.long, device=self.device)
         real = (self.pending != self.pending_filler).any(dim=0).nonzero()
         return self.pending[:, : int(real[-1]) + 1] if real.numel() else self.pending[:, :0]
+
+
+def _depth(parents: list[int]) -> int:
+    """The depth of the deepest node of a trie given as parents (-1: under the root)."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return max(depths, default=0)

@@ -29,8 +29,8 @@ def forward(
     """Run q new tokens per row ([B, q]) at each row's own positions; return logits [B, q, V].
 
     block_mask [q, q] bool: which new tokens see which (default causal); offsets [q]: their
-    positions past each row's length (default 0..q-1). The cache's lengths are not
-    advanced: the caller commits what it keeps.
+    positions past each row's length (default 0..q-1); either may have a leading batch dim.
+    The cache's lengths are not advanced: the caller commits what it keeps.
     """
     return _timed(model, cache, input_ids, block_mask, offsets).logits
 

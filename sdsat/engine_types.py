@@ -13,7 +13,7 @@ class EngineConfig:
     adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
     calibrate: bool = True  # adaptive: time plain and drafting steps per batch size before serving
     fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/fused.py)
-    lookup: int = 16  # fused: also verify up to this many prompt-lookup drafts per row (0: none)
+    lookup: int = 10  # fused: also verify a trie of up to this many prompt-lookup drafts per row (0: none)
     lookup_first: bool = True  # a pass where every row has lookup drafts runs no SAT draft block
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded

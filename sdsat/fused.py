@@ -31,7 +31,8 @@ import torch
 
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
-from .tree import DraftTree, tree_accept
+from .row_tree import accept_rows, row_trees
+from .tree import DraftTree
 
 
 @lru_cache(maxsize=256)
@@ -49,6 +50,16 @@ def layout(c: int, m: int, k: int) -> DraftTree:
     return DraftTree(parents=tuple(parents), depths=tuple(depths), ranks=(0,) * n, spec=f"fused c={c} m={m} k={k}")
 
 
+def row_parents(c: int, lookup_parents: list[int], k: int) -> tuple[int, ...]:
+    """One row's node parents: root; SAT-draft chain (c); the lookup trie (lookup_parents[i]:
+    -1 under the root, else the index of its parent among the lookup nodes); draft block (k)."""
+    base = layout(c, 0, k).parents if c + k else (-1,)
+    start = 1 + c
+    trie = tuple(0 if p < 0 else start + p for p in lookup_parents)
+    block = tuple(0 if p == 0 else p + len(trie) for p in base[start:])
+    return base[:start] + trie + block
+
+
 def fused_step(
     model,
     cache: SlotCache,
@@ -58,9 +69,12 @@ def fused_step(
     sat_ids: torch.Tensor,
     banned: torch.Tensor | None,
     filler: int | None = None,
+    lookup_parents: list[list[int]] | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, list[int]]:
     """One fused iteration. last [B], pending [B, c] (SAT drafts, SAT-id filled where none),
     lookup [B, m] (likewise), sat_ids [k] (the draft block; empty: no block, so no next drafts).
+    lookup_parents: per row, each lookup node's parent (-1: the root; i: lookup node i, listed
+    before it), so a row's lookup drafts form a trie; None: a chain in every row.
     With c = k = 0 this is prompt-lookup decoding, which needs no SATs. filler: the token that
     fills the next drafts past the block's guesses (default sat_ids[0]; any banned id works).
 
@@ -69,12 +83,19 @@ def fused_step(
     """
     batch, c = pending.shape
     m, k = lookup.shape[1], sat_ids.numel()
-    tree = layout(c, m, k)
-    t = tree.on(last.device)
+    if c + m + k == 0:
+        raise ValueError(f"fused layout needs some nodes, got c={c}, m={m}, k={k}")
+    if lookup_parents is None:
+        parents = (layout(c, m, k).parents,) * batch
+    else:
+        if len(lookup_parents) != batch or any(len(p) != m for p in lookup_parents):
+            raise ValueError(f"lookup_parents needs {m} parents for each of {batch} rows")
+        parents = tuple(row_parents(c, p, k) for p in lookup_parents)
+    t = row_trees(parents, last.device)
     block = sat_ids[None, :].expand(batch, -1)
     tokens = torch.cat([last[:, None], pending, lookup, block], dim=1)  # [B, N]
     z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, N]
-    paths, emitted, bonus = tree_accept(tokens, z, tree)
+    paths, emitted, bonus = accept_rows(tokens, z, t)
     cache.keep_slots(paths)  # last and the accepted drafts
     accepted = [len(p) - 1 for p in paths]
     nxt = z[:, :0]

@@ -112,7 +112,8 @@ class SlotCache(Cache):
     def prepare(self, q: int, dtype: torch.dtype, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Get ready to write q tokens per row; return the additive mask [B, 1, q, kv_len].
 
-        block_mask: [q, q] bool, which new tokens see which (default: causal).
+        block_mask: [q, q] bool, which new tokens see which (default: causal), or [B, q, q]
+        for a mask per row.
         """
         needed = max(self.lengths) + q
         if needed > self.capacity:
@@ -132,7 +133,12 @@ class SlotCache(Cache):
         past = slots[None, None, :] < lengths[:, None, None]  # [B, 1, kv_len]
         rel = slots[None, :] - lengths[:, None]  # [B, kv_len]
         in_block = (rel >= 0) & (rel < q)
-        sees_new = block_mask[:, rel.clamp(0, q - 1)].permute(1, 0, 2) & in_block[:, None, :]  # [B, q, kv_len]
+        cols = rel.clamp(0, q - 1)  # [B, kv_len]
+        if block_mask.dim() == 2:  # one mask for every row
+            sees = block_mask[:, cols].permute(1, 0, 2)
+        else:  # [B, q, q]: a mask per row
+            sees = block_mask.gather(2, cols[:, None, :].expand(-1, q, -1))
+        sees_new = sees & in_block[:, None, :]  # [B, q, kv_len]
         mask = torch.zeros((len(self.lengths), q, needed), dtype=dtype, device=self.device)
         mask.masked_fill_(~(past | sees_new), torch.finfo(dtype).min)
         return mask[:, None]

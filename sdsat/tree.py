@@ -36,6 +36,7 @@ import torch
 
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
+from .row_tree import RowTrees, accept_rows
 
 
 @dataclass(frozen=True)
@@ -205,22 +206,14 @@ def tree_accept(
     row: the path's tokens and the bonus; the bonus per row [B]). One host sync.
     """
     t = tree.on(tokens.device)
-    n = tree.size
-    correct = tokens == z[:, t.parents]  # [B, N]: node equals its parent's argmax
-    correct[:, 0] = True  # the root, y0, is exact
-    broken = t.ancestors[None] & ~correct[:, None, :]  # [B, N, N]: a wrong node on root..i
-    accepted = ~broken.any(dim=2)  # [B, N]
-    order = t.depths * n + (n - 1 - torch.arange(n, device=tokens.device))  # deepest, then first
-    best = torch.where(accepted, order, -1).argmax(dim=1)  # [B]
-    path_nodes = t.paths[best]  # [B, D+1]
-    path_tokens = tokens.gather(1, path_nodes)  # [B, D+1]
-    bonus = z.gather(1, best[:, None])[:, 0]  # [B]
-    a = t.depths[best]  # [B]
-    width = tree.depth + 1
-    rows = torch.cat([a[:, None], path_nodes, path_tokens, bonus[:, None]], dim=1).tolist()  # the one host sync
-    paths = [row[1 : row[0] + 2] for row in rows]
-    emitted = [row[1 + width : 2 + width + row[0]] + [row[-1]] for row in rows]
-    return paths, emitted, bonus
+    batch = tokens.shape[0]
+    rows = RowTrees(
+        depths=t.depths.expand(batch, -1),
+        parents=t.parents.expand(batch, -1),
+        ancestors=t.ancestors.expand(batch, -1, -1),
+        paths=t.paths.expand(batch, -1, -1),
+    )
+    return accept_rows(tokens, z, rows)
 
 
 def sdsat_tree_step(

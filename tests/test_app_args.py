@@ -17,7 +17,7 @@ def test_shipped_serve_config_is_valid_app_args():
     args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     parsed = AppArgs.model_validate(args)
     assert set(args) <= set(AppArgs.model_fields)  # no key the app would ignore
-    assert parsed.fused and parsed.lookup == 16
+    assert parsed.fused and parsed.lookup == 10
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,12 @@ import torch
 
 from sdsat.batch import Batch
 from sdsat.decoding import prefill
-from sdsat.fused import fused_step, layout
+from sdsat.fused import fused_step, layout, row_parents
 from sdsat.generate import generate, make_sequences
 from sdsat.kv_cache import SlotCache
-from sdsat.lookup import LookupIndex, lookup_drafts
+from sdsat.lookup import LookupIndex, build_trie, lookup_drafts, lookup_tree
+from sdsat.row_tree import accept_rows, row_trees
+from sdsat.tree import DraftTree, tree_accept
 from tests.conftest import hf_greedy, tiny_loaded
 
 NEW_TOKENS = 40
@@ -55,6 +57,84 @@ def test_lookup_without_a_match_gives_nothing():
     assert lookup_drafts([1, 2, 3, 4], 4) == []
     assert lookup_drafts([7], 4) == []
     assert lookup_drafts([1, 2, 1, 2], 0) == []
+
+
+def test_lookup_tree_offers_every_way_the_context_continued_before():
+    # "5 6" was followed by 7 (older) and by 8 (newer); the 3-gram "4 5 6" matched only
+    # before 8, so all of 8's branch outweighs 7, which comes once 8's branch is in.
+    history = [5, 6, 7, 1, 4, 5, 6, 8, 9, 2, 4, 5, 6]
+    assert lookup_tree(history, 4) == ([8, 9, 2, 4], [-1, 0, 1, 2])
+    assert lookup_tree(history, 8) == ([8, 9, 2, 4, 5, 6, 7, 1], [-1, 0, 1, 2, 3, 4, -1, 6])
+    # A chain is the one-continuation trie; the budget caps the node count.
+    assert lookup_tree([1, 2, 3, 4, 1, 2], 2) == ([3, 4], [-1, 0])
+    assert lookup_tree([1, 2, 3], 4) == ([], [])
+    assert lookup_tree([1, 2, 1, 2], 0) == ([], [])
+
+
+def test_build_trie_keeps_the_best_nodes_with_their_parents():
+    # scores: 5: 100 * 0.9; 1: (10 + 10 / 2) * 0.9; 1.2: 10 * 0.81; 1.2.3: 10 * 0.729; 1.4: 5 * 0.81
+    continuations = [(1, 0, [1, 2, 3]), (1, 1, [1, 4]), (2, 0, [5])]
+    assert build_trie(continuations, budget=4) == ([5, 1, 2, 3], [-1, -1, 1, 2])
+    tokens, parents = build_trie(continuations, budget=9)
+    assert tokens == [5, 1, 2, 3, 4] and parents == [-1, -1, 1, 2, 1]
+    for i, p in enumerate(parents):
+        assert p < i  # parents first
+
+
+def test_lookup_index_trie_agrees_with_the_scan_as_the_sequence_grows():
+    import random
+
+    rng = random.Random(1)
+    for trial in range(30):
+        tokens = [rng.randrange(5) for _ in range(rng.randrange(1, 5))]
+        index = LookupIndex(list(tokens))
+        for _ in range(50):
+            for budget in (1, 4, 10):
+                assert index.tree(budget) == lookup_tree(tokens, budget), (trial, tokens, budget)
+            new = [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
+            tokens += new
+            index.extend(new)
+
+
+# --- Trees per row ------------------------------------------------------------------------------
+
+
+def test_row_trees_accept_like_the_static_tree():
+    """Every row given the static tree's parents: the same paths and tokens as tree_accept."""
+    tree = DraftTree.parse("2,2,1")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3, (64, tree.size), generator=gen)
+    z = torch.randint(0, 3, (64, tree.size), generator=gen)
+    rows = row_trees((tree.parents,) * 64, "cpu")
+    assert accept_rows(tokens, z, rows) [:2] == tree_accept(tokens, z, tree)[:2]
+
+
+def test_row_trees_differ_per_row_and_refuse_bad_parents():
+    rows = row_trees(((-1, 0, 1, 2), (-1, 0, 0, 2)), "cpu")
+    assert rows.depths.tolist() == [[0, 1, 2, 3], [0, 1, 1, 2]]
+    assert rows.ancestors[1, 3].nonzero()[:, 0].tolist() == [0, 2, 3]
+    assert rows.paths[1, 3, :3].tolist() == [0, 2, 3]
+    # row 1: node 2 (depth 1) is right, node 3 under it is right: a = 2 through the second branch
+    tokens = torch.tensor([[9, 1, 2, 3], [9, 4, 5, 6]])
+    z = torch.tensor([[1, 2, 7, 7], [5, 7, 6, 8]])
+    paths, emitted, bonus = accept_rows(tokens, z, rows)
+    assert paths == [[0, 1, 2], [0, 2, 3]] and emitted == [[9, 1, 2, 7], [9, 5, 6, 8]]
+    assert row_parents(1, [-1, 0, -1], 2) == (-1, 0, 0, 2, 0, 0, 5)
+    with pytest.raises(ValueError, match="same node count"):
+        row_trees(((-1, 0), (-1,)), "cpu")
+    with pytest.raises(ValueError, match="parent comes before"):
+        row_trees(((-1, 2, 0),), "cpu")
+
+
+def test_a_mask_per_row_is_the_shared_mask_row_by_row():
+    cache = SlotCache(num_layers=1, batch_size=2)
+    cache.lengths = [3, 5]
+    shared = layout(2, 2, 1).on("cpu").ancestors
+    assert torch.equal(cache.prepare(6, torch.float32, shared), cache.prepare(6, torch.float32, shared.expand(2, -1, -1)))
+    other = row_trees((layout(2, 2, 1).parents, (-1, 0, 0, 0, 3, 0)), "cpu").ancestors
+    mixed = cache.prepare(6, torch.float32, other)
+    assert torch.equal(mixed[0], cache.prepare(6, torch.float32, shared)[0])
+    assert not torch.equal(mixed[1], cache.prepare(6, torch.float32, shared)[1])
 
 
 # --- The layout ---------------------------------------------------------------------------------
@@ -135,6 +215,35 @@ def test_planted_drafts_are_accepted_from_either_chain(tiny, pending_true, looku
     # Every step but those near the end (where the reference runs out) accepts `want` drafts.
     assert all(a == want for a in accepted[0])
     assert cache.lengths == [len(p) - 1 + sum(a + 1 for a in col) for p, col in zip(RAGGED, zip(*accepted))]
+
+
+def test_planted_tries_are_accepted_through_any_branch(tiny):
+    """Per row a different trie: a wrong first branch, the true continuation on the second;
+    the true branch is accepted whole and the output stays plain greedy."""
+    loaded, refs = tiny
+    model, k, depth = loaded.model, 2, 3
+    cache = SlotCache.for_model(model, len(RAGGED))
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = torch.tensor(loaded.sat.ids_for(k))
+    outputs: list[list[int]] = [[] for _ in RAGGED]
+    with torch.inference_mode():
+        last = prefill(model, cache, RAGGED, 0)
+        while min(len(o) for o in outputs) < NEW_TOKENS:
+            table, parents = [], []
+            for b, (ref, out) in enumerate(zip(refs, outputs)):
+                true = (ref[len(out) : len(out) + depth] + [GARBAGE] * depth)[:depth]
+                wrong = [GARBAGE + 1] * (b % 3)  # 0, 1 or 2 wrong nodes first, a chain under the root
+                table.append(wrong + true + [GARBAGE] * (2 - len(wrong)))
+                w = len(wrong)
+                chain = [-1] + list(range(w - 1)) if w else []
+                parents.append(chain + [-1, w, w + 1] + [-1] * (2 - w))
+            pending = torch.full((len(RAGGED), 1), int(sat[0]))
+            emitted, last, _, accepted = fused_step(model, cache, last, pending, torch.tensor(table), sat, banned, None, parents)
+            for b, tokens in enumerate(emitted):
+                outputs[b] += tokens
+            if min(len(o) for o in outputs) + depth < NEW_TOKENS:
+                assert accepted == [depth] * len(RAGGED)
+    assert [o[:NEW_TOKENS] for o in outputs] == refs
 
 
 def test_rows_joining_a_fused_batch_mid_way(tiny):
