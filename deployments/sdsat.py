@@ -54,6 +54,9 @@ class AppArgs(BaseModel):
     )
     lookup: int = Field(10, ge=0, description="With fused: also verify a trie of up to this many prompt-lookup drafts (0: none).")
     lookup_first: bool = Field(True, description="With lookup: SAT drafts only where lookup finds none (false: both in every pass).")
+    sat_gate: bool = Field(
+        True, description="With fused: run the SAT draft block only while it measures faster than without it (sdsat/gate.py)."
+    )
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
 
@@ -101,6 +104,7 @@ def build_app(args: AppArgs | dict | None = None):
         fused=args.fused,
         lookup=args.lookup,
         lookup_first=args.lookup_first,
+        sat_gate=args.sat_gate,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},

@@ -44,6 +44,7 @@ class ServerSettings:
     fused: bool = True
     lookup: int = 10
     lookup_first: bool = True
+    sat_gate: bool = True
 
 
 def find_default_export() -> Path | None:
@@ -117,6 +118,7 @@ class SDSATServer:
             fused=settings.fused,
             lookup=settings.lookup,
             lookup_first=settings.lookup_first,
+            sat_gate=settings.sat_gate,
             max_new_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
         )

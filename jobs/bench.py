@@ -7,6 +7,8 @@ The decoder is the fused one-pass iteration (sdsat/fused.py) with a trie of up t
 prompt-lookup drafts (sdsat/lookup.py), SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
 ``--lookup 0``: SAT drafts only; ``--num-sat 0``: lookup only); ``--two-step`` is the
 paper's draft-pass-then-verify-pass iteration, which ``--tree`` and ``--oracle-drafts`` use.
+Where the SAT draft block would run, a gate (sdsat/gate.py) runs it only while it measures
+faster than lookup drafts alone (``--no-sat-gate``: always).
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
@@ -25,6 +27,7 @@ import torch
 
 from jobs.prompts import load_prompts
 from jobs.report import write_json
+from sdsat.gate import SatGate
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from sdsat.models import load_model
 from sdsat.stats import DecodeStats
@@ -57,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--lookup-first", action=argparse.BooleanOptionalAction, default=True,
         help="fused: a pass where lookup finds drafts runs no SAT draft block (SAT drafts only where it finds none)",
     )
+    p.add_argument(
+        "--sat-gate", action=argparse.BooleanOptionalAction, default=True,
+        help="fused: run the SAT draft block only while it measures faster than lookup drafts alone (sdsat/gate.py)",
+    )
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -82,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(loaded, prompts, args, k: int, references=None, draft: bool = True):
+def run(loaded, prompts, args, k: int, references=None, draft: bool = True, gate: SatGate | None = None):
     """Decode every prompt in batches (k = 0 and draft=False: plain greedy; k = 0 with lookup
     drafts: lookup alone); return (outputs, stats, seconds)."""
     outputs, stats, seconds = [], [], 0.0
@@ -97,7 +104,7 @@ def run(loaded, prompts, args, k: int, references=None, draft: bool = True):
         fused = draft and not args.two_step
         tree = (args.tree or None) if k else None
         lookup = args.lookup if fused else 0
-        generate(loaded, seqs, k, override, tree, fused=fused, lookup=lookup, lookup_first=args.lookup_first)
+        generate(loaded, seqs, k, override, tree, fused=fused, lookup=lookup, lookup_first=args.lookup_first, gate=gate)
         seconds += time.perf_counter() - t0
         if override is not None:  # leave out the untimed re-derivation of oracle references
             seconds -= override.seconds
@@ -166,6 +173,8 @@ def main(argv=None) -> dict:
     run(loaded, prompts[:1], warm, 0, draft=False)
     run(loaded, prompts[:1], warm, k)
 
+    # One gate for the whole run (it learns across prompts), fed by timed passes only.
+    gate = SatGate() if args.sat_gate and k and not args.two_step else None
     plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
     plain_s = sdsat_s = 0.0
     step = args.batch_size
@@ -176,7 +185,7 @@ def main(argv=None) -> dict:
         plain_stats += stats
         plain_s += secs
         refs = out if args.oracle_drafts else None
-        out, stats, secs = run(loaded, chunk, args, k, refs)
+        out, stats, secs = run(loaded, chunk, args, k, refs, gate=gate)
         sdsat_out += out
         sdsat_stats += stats
         sdsat_s += secs
@@ -208,6 +217,7 @@ def main(argv=None) -> dict:
         "decoder": "two-step" if args.two_step else "fused",
         "lookup": args.lookup,
         "lookup_first": args.lookup_first,
+        "sat_gate": gate.snapshot() if gate is not None else None,
         "plain_tokens_per_s": plain_tokens / plain_s,
         "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
         "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),

@@ -16,6 +16,7 @@ import torch
 
 from .decoding import plain_step, prefill, sdsat_step
 from .fused import fused_step
+from .gate import LOOKUP, SatGate
 from .kv_cache import SlotCache
 from .lookup import LookupIndex
 from .stats import DecodeStats
@@ -98,8 +99,9 @@ class StepEvent:
 class Batch:
     """Sequences decoding together on one model."""
 
-    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0):
+    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0, gate: SatGate | None = None):
         self.model = model
+        self.gate = gate  # fused mode: decides, where the SAT draft block would run, whether it does
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=self.device)
@@ -158,6 +160,7 @@ class Batch:
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
         fused = fused and (k > 0 or lookup > 0)
+        arm = None  # the gate's choice in this pass, if it made one
         if not (fused and k):
             self.pending = None  # drafts made for the old position would be off
         if k == 0 and not fused:
@@ -171,7 +174,7 @@ class Batch:
             if fused:
                 if draft_override is not None or tree is not None:
                     raise ValueError("fused decoding takes no draft override or tree")
-                emitted, accepted, offered = self._fused(sat, lookup, lookup_first)
+                emitted, accepted, offered, arm = self._fused(sat, lookup, lookup_first)
             elif tree is None:
                 emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
             else:
@@ -184,6 +187,8 @@ class Batch:
             passes = 1 if fused else 2
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
+        if self.gate is not None:
+            self.gate.after_pass(arm, sum(len(tokens) for tokens in emitted), wall_s)
         events = []
         for row, (seq, tokens) in enumerate(zip(self.sequences, emitted)):
             stats = seq.stats
@@ -200,6 +205,8 @@ class Batch:
             stats.new_tokens += len(kept)
             events.append(StepEvent(seq, kept))
         self._drop(lambda s: s.finished)
+        if self.gate is not None and not self.sequences:
+            self.gate.reset_pending()  # no next pass to score a decision with
         return events
 
     def cancel(self, seq_ids: set[int], reason: str = "cancelled") -> list[Sequence]:
@@ -227,20 +234,25 @@ class Batch:
         pad = torch.full((rows, pending.shape[1]), self.pending_filler, dtype=torch.long, device=self.device)
         return torch.cat([pending, pad])
 
-    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int]:
-        """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row
-        and the longest draft chain offered."""
+    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int, str | None]:
+        """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row,
+        the deepest draft offered, and the gate's choice (None: it made none)."""
         rows = len(self.sequences)
         # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its
         # context): a trie of b nodes is at most b deep.
         tries = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
         m = max((len(tokens) for tokens, _ in tries), default=0)
+        arm = None
         if lookup_first and m and all(tokens for tokens, _ in tries):  # every row has lookup drafts: no draft block
             sat = sat[:0]
+        elif self.gate is not None and sat.numel():
+            arm = self.gate.choose()
+            if arm == LOOKUP:
+                sat = sat[:0]
         pending = self._pending_chain(rows)
         c = pending.shape[1]
         if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
-            return self._plain(), [0] * rows, 0
+            return self._plain(), [0] * rows, 0, arm
         table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
         parents = [[-1] * m for _ in range(rows)]  # a row's spare nodes: the filler, under the root
         deepest = 0
@@ -253,7 +265,7 @@ class Batch:
             self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler, parents if m else None
         )
         self.pending = nxt if nxt.shape[1] else None
-        return emitted, accepted, max(c, deepest)
+        return emitted, accepted, max(c, deepest), arm
 
     def _plain(self) -> list[list[int]]:
         """One plain greedy step for every row; returns the token each row emitted."""

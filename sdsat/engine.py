@@ -144,6 +144,7 @@ class Engine:
             "fused": self.config.fused,
             "lookup": self.config.lookup,
             "lookup_first": self.config.lookup_first,
+            "sat_gate": loop.gate.snapshot() if loop.gate is not None else None,
             "totals": totals,
         }
         if loop.adaptive is not None:

@@ -24,6 +24,7 @@ from typing import Callable
 from .adaptive import AdaptiveK
 from .batch import Batch, Sequence, StepEvent
 from .calibrate import calibrate
+from .gate import SatGate
 from .engine_types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
 from .models import LoadedModel
 from .sampling import SamplingBatch, SamplingParams
@@ -159,7 +160,9 @@ class DecodeLoop:
         self.k = num_sat  # k of the latest greedy step
         self.banned = loaded.sat.unique_ids if loaded.sat else []
         self.pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+        self.gate = SatGate() if config.fused and config.sat_gate else None  # learns across all greedy steps
         self.greedy = self._new_batch(Batch)
+        self.greedy.gate = self.gate
         self.sampling = self._new_batch(SamplingBatch)
         self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
         self.calibration_s: float | None = None  # seconds the start-up calibration took (None: not run)

@@ -15,6 +15,7 @@ class EngineConfig:
     fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/fused.py)
     lookup: int = 10  # fused: also verify a trie of up to this many prompt-lookup drafts per row (0: none)
     lookup_first: bool = True  # a pass where every row has lookup drafts runs no SAT draft block
+    sat_gate: bool = True  # fused: run the SAT draft block only while it measures faster than without (sdsat/gate.py)
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
 

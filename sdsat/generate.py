@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 
 from .batch import Batch, Sequence, StepEvent
+from .gate import SatGate
 from .models import LoadedModel
 from .tree import DraftTree, as_tree
 
@@ -57,6 +58,7 @@ def stream(
     fused: bool = False,
     lookup: int = 0,
     lookup_first: bool = False,
+    gate: SatGate | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
@@ -66,7 +68,9 @@ def stream(
     of SATs each draft pass uses.
     fused: verify the drafts and draft the next ones in one pass (sdsat/fused.py), with up to
     ``lookup`` prompt-lookup drafts verified beside the SAT drafts (0: none); lookup_first:
-    a pass where every row has lookup drafts runs no SAT draft block.
+    a pass where every row has lookup drafts runs no SAT draft block. gate: a
+    :class:`sdsat.gate.SatGate` that decides, where the block would run, whether it does
+    (keep one across calls: it learns from every pass).
     """
     if lookup and not fused:
         raise ValueError("lookup drafts need fused=True")
@@ -79,7 +83,7 @@ def stream(
             raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat >= {tree.depth}, got {num_sat}")
         sat_ids = sat_ids[: tree.depth]
     banned = loaded.sat.unique_ids if loaded.sat else []
-    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0)
+    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0, gate=gate)
     batch.add(sequences)
     while len(batch):
         yield batch.step(sat_ids, draft_override, tree, fused=fused, lookup=lookup, lookup_first=lookup_first)
@@ -94,9 +98,10 @@ def generate(
     fused: bool = False,
     lookup: int = 0,
     lookup_first: bool = False,
+    gate: SatGate | None = None,
 ) -> list[Sequence]:
     """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
-    for _ in stream(loaded, sequences, num_sat, draft_override, tree, fused, lookup, lookup_first):
+    for _ in stream(loaded, sequences, num_sat, draft_override, tree, fused, lookup, lookup_first, gate):
         pass
     return sequences
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdsat.gate import SatGate
 from sdsat.generate import generate, make_sequences, oracle_drafts
 from tests.conftest import hf_greedy
 
@@ -67,12 +68,18 @@ def test_sdsat_equals_plain_greedy_batched(setup, k):
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
 
 
-@pytest.mark.parametrize("k,lookup,first", [(5, 0, False), (5, 10, False), (5, 10, True), (0, 10, False)])
-def test_fused_with_lookup_equals_plain_greedy(setup, k, lookup, first):
-    """One pass per iteration (sdsat/fused.py), SAT and/or prompt-lookup drafts."""
+@pytest.mark.parametrize(
+    "k,lookup,first,gated", [(5, 0, False, False), (5, 10, False, False), (5, 10, True, False), (5, 10, True, True), (0, 10, False, False)]
+)
+def test_fused_with_lookup_equals_plain_greedy(setup, k, lookup, first, gated):
+    """One pass per iteration (sdsat/fused.py), SAT and/or prompt-lookup drafts (gated: the
+    SAT block where the gate lets it run, sdsat/gate.py)."""
     loaded, prompts, plain = setup
     seqs = make_sequences(loaded, prompts, NEW_TOKENS, eos=False)
-    generate(loaded, seqs, k, fused=True, lookup=lookup, lookup_first=first)
+    gate = SatGate(explore_every=2, warmup=1) if gated else None
+    generate(loaded, seqs, k, fused=True, lookup=lookup, lookup_first=first, gate=gate)
+    if gated:
+        assert gate.counts["sat"] and gate.counts["lookup"]  # both arms ran
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
     if lookup:
         assert sum(s.stats.accepted for s in seqs) > 0
