@@ -160,7 +160,7 @@ class Batch:
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
         fused = fused and (k > 0 or lookup > 0)
-        arm = None  # the gate's choice in this pass, if it made one
+        arm, sat_gain = None, 0  # the gate's choice in this pass, if it made one; SAT drafts' gain
         if not (fused and k):
             self.pending = None  # drafts made for the old position would be off
         if k == 0 and not fused:
@@ -174,7 +174,7 @@ class Batch:
             if fused:
                 if draft_override is not None or tree is not None:
                     raise ValueError("fused decoding takes no draft override or tree")
-                emitted, accepted, offered, arm = self._fused(sat, lookup, lookup_first)
+                emitted, accepted, offered, arm, sat_gain = self._fused(sat, lookup, lookup_first)
             elif tree is None:
                 emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
             else:
@@ -188,7 +188,7 @@ class Batch:
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
         if self.gate is not None:
-            self.gate.after_pass(arm, sum(len(tokens) for tokens in emitted), wall_s)
+            self.gate.after_pass(arm, sum(len(tokens) for tokens in emitted), wall_s, sat_gain)
         events = []
         for row, (seq, tokens) in enumerate(zip(self.sequences, emitted)):
             stats = seq.stats
@@ -234,9 +234,10 @@ class Batch:
         pad = torch.full((rows, pending.shape[1]), self.pending_filler, dtype=torch.long, device=self.device)
         return torch.cat([pending, pad])
 
-    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int, str | None]:
+    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int, str | None, int]:
         """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row,
-        the deepest draft offered, and the gate's choice (None: it made none)."""
+        the deepest draft offered, the gate's choice (None: it made none) and the SAT drafts'
+        gain: tokens accepted beyond what the lookup drafts alone would have given."""
         rows = len(self.sequences)
         # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its
         # context): a trie of b nodes is at most b deep.
@@ -252,7 +253,7 @@ class Batch:
         pending = self._pending_chain(rows)
         c = pending.shape[1]
         if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
-            return self._plain(), [0] * rows, 0, arm
+            return self._plain(), [0] * rows, 0, arm, 0
         table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
         parents = [[-1] * m for _ in range(rows)]  # a row's spare nodes: the filler, under the root
         deepest = 0
@@ -265,7 +266,10 @@ class Batch:
             self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler, parents if m else None
         )
         self.pending = nxt if nxt.shape[1] else None
-        return emitted, accepted, max(c, deepest), arm
+        gain = 0
+        if c:  # what lookup alone would have accepted: the trie's walk along the true tokens
+            gain = sum(a - _walk(trie, row[:a]) if trie else a for a, row, trie in zip(accepted, emitted, tries or [None] * rows))
+        return emitted, accepted, max(c, deepest), arm, gain
 
     def _plain(self) -> list[list[int]]:
         """One plain greedy step for every row; returns the token each row emitted."""
@@ -295,3 +299,14 @@ def _depth(parents: list[int]) -> int:
     for p in parents:
         depths.append(1 if p < 0 else depths[p] + 1)
     return max(depths, default=0)
+
+
+def _walk(trie: tuple[list[int], list[int]], truth: list[int]) -> int:
+    """How many of ``truth``'s leading tokens form a path from the root of the trie (tokens, parents)."""
+    tokens, parents = trie
+    node = -1
+    for depth, token in enumerate(truth):
+        node = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token), None)
+        if node is None:
+            return depth
+    return len(truth)
