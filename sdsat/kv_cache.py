@@ -133,13 +133,11 @@ class SlotCache(Cache):
         past = slots[None, None, :] < lengths[:, None, None]  # [B, 1, kv_len]
         rel = slots[None, :] - lengths[:, None]  # [B, kv_len]
         in_block = (rel >= 0) & (rel < q)
-        cols = rel.clamp(0, q - 1)  # [B, kv_len]
-        if block_mask.dim() == 2:  # one mask for every row
-            sees = block_mask[:, cols].permute(1, 0, 2)
-        else:  # [B, q, q]: a mask per row
-            sees = block_mask.gather(2, cols[:, None, :].expand(-1, q, -1))
-        sees_new = sees & in_block[:, None, :]  # [B, q, kv_len]
-        mask = torch.zeros((len(self.lengths), q, needed), dtype=dtype, device=self.device)
+        batch = len(self.lengths)
+        per_row = block_mask.expand(batch, q, q)  # one mask for every row, or [B, q, q] already
+        sees = per_row.gather(2, rel.clamp(0, q - 1)[:, None, :].expand(-1, q, -1))  # [B, q, kv_len]
+        sees_new = sees & in_block[:, None, :]
+        mask = torch.zeros((batch, q, needed), dtype=dtype, device=self.device)
         mask.masked_fill_(~(past | sees_new), torch.finfo(dtype).min)
         return mask[:, None]
 

@@ -5,10 +5,9 @@ tokens (n = 3, then 2, then 1) occurred before, the tokens that followed them th
 free guess at what follows now. The fused decoder (:mod:`sdsat.fused`) verifies these
 guesses beside the SAT drafts in the same pass, so they never change the output.
 
-Two forms: a chain (what followed the newest occurrence of the longest matching n-gram,
-:func:`lookup_drafts`) and a trie (:func:`lookup_tree`): what followed the newest
-``MATCHES`` occurrences of every n-gram size, merged, so that a context which continued in
-several ways before offers each of them. A trie node's score is the sum, over the
+The drafts form a trie (:func:`lookup_tree`): what followed the newest ``MATCHES``
+occurrences of every n-gram size, merged, so that a context which continued in several ways
+before offers each of them (a chain of the newest match alone offered one). A trie node's score is the sum, over the
 continuations passing through it, of ``NGRAM_WEIGHT ** n / (rank + 1)`` (longer matches
 and newer occurrences count more) times ``DEPTH_DECAY ** depth``; the ``budget``
 best-scoring nodes are kept (a node scores below its parent, so they form a trie). On the
@@ -25,23 +24,6 @@ MIN_NGRAM = 1
 MATCHES = 8  # newest occurrences per n-gram size that feed a trie
 NGRAM_WEIGHT = 10.0
 DEPTH_DECAY = 0.9
-
-
-def lookup_drafts(history: list[int], m: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
-    """Up to m tokens that followed the most recent earlier occurrence of history's newest
-    n-gram, longest n first; [] when there is none. ``history`` ends with the token the
-    drafts follow."""
-    size = len(history)
-    if m <= 0:
-        return []
-    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        tail = history[size - n :]
-        first = tail[0]
-        # Newest match first; a match must leave at least one token after it.
-        for start in range(size - n - 1, -1, -1):
-            if history[start] == first and history[start : start + n] == tail:
-                return history[start + n : start + n + m]
-    return []
 
 
 def lookup_tree(
@@ -96,7 +78,7 @@ def build_trie(continuations: list[tuple[int, int, list[int]]], budget: int) -> 
 
 
 class LookupIndex:
-    """:func:`lookup_drafts` and :func:`lookup_tree` for a growing sequence without a scan of
+    """:func:`lookup_tree` for a growing sequence without a scan of
     the whole history each step: the newest ends of every 1..max_ngram-gram are kept in a
     dict, filled as tokens arrive."""
 
@@ -111,14 +93,6 @@ class LookupIndex:
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
-
-    def drafts(self, m: int) -> list[int]:
-        """Up to m tokens that followed the newest earlier occurrence of the newest n-gram."""
-        if m <= 0:
-            return []
-        for _, found in self._matches():
-            return self.tokens[found[0] : found[0] + m]
-        return []
 
     def tree(self, budget: int) -> tuple[list[int], list[int]]:
         """:func:`lookup_tree` of the sequence so far: (tokens, parents)."""

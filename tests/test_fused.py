@@ -10,7 +10,7 @@ from sdsat.decoding import prefill
 from sdsat.fused import fused_step, layout, row_parents
 from sdsat.generate import generate, make_sequences
 from sdsat.kv_cache import SlotCache
-from sdsat.lookup import LookupIndex, build_trie, lookup_drafts, lookup_tree
+from sdsat.lookup import LookupIndex, build_trie, lookup_tree
 from sdsat.row_tree import accept_rows, row_trees
 from sdsat.tree import DraftTree, tree_accept
 from tests.conftest import hf_greedy, tiny_loaded
@@ -30,33 +30,19 @@ def tiny(request):
 # --- Lookup drafts ------------------------------------------------------------------------------
 
 
-def test_lookup_takes_the_newest_match_of_the_longest_ngram():
+def test_lookup_takes_the_longest_ngram_and_the_newest_match_first():
     history = [1, 2, 3, 9, 9, 2, 3, 7, 8, 1, 2, 3]
     # "1 2 3" occurred at 0 (then 9 9 2 ...); "2 3" also at 5 (then 7 8) but 3-grams win.
-    assert lookup_drafts(history, 3) == [9, 9, 2]
-    assert lookup_drafts([4, 2, 3, 5, 6, 0, 2, 3], 2) == [5, 6]  # no 3-gram: the 2-gram "2 3"
-    assert lookup_drafts([4, 5, 4, 6, 4, 7, 4], 5) == [7, 4]  # newest match of "4", cut at the end
-
-
-def test_lookup_index_agrees_with_the_scan_as_the_sequence_grows():
-    import random
-
-    rng = random.Random(0)
-    for trial in range(20):
-        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 5))]
-        index = LookupIndex(list(tokens))
-        for _ in range(60):
-            for m in (1, 4):
-                assert index.drafts(m) == lookup_drafts(tokens, m), (trial, tokens, m)
-            new = [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
-            tokens += new
-            index.extend(new)
+    assert lookup_tree(history, 3) == ([9, 9, 2], [-1, 0, 1])
+    assert lookup_tree([4, 2, 3, 5, 6, 0, 2, 3], 2) == ([5, 6], [-1, 0])  # no 3-gram: the 2-gram "2 3"
+    # "4" was followed by 5, 6 and 7: the newest (7 4, cut at the end) comes first.
+    assert lookup_tree([4, 5, 4, 6, 4, 7, 4], 5) == ([7, 4, 6, 4, 7], [-1, 0, -1, 2, 3])
 
 
 def test_lookup_without_a_match_gives_nothing():
-    assert lookup_drafts([1, 2, 3, 4], 4) == []
-    assert lookup_drafts([7], 4) == []
-    assert lookup_drafts([1, 2, 1, 2], 0) == []
+    assert lookup_tree([1, 2, 3, 4], 4) == ([], [])
+    assert lookup_tree([7], 4) == ([], [])
+    assert lookup_tree([1, 2, 1, 2], 0) == ([], [])
 
 
 def test_lookup_tree_offers_every_way_the_context_continued_before():
@@ -68,7 +54,6 @@ def test_lookup_tree_offers_every_way_the_context_continued_before():
     # A chain is the one-continuation trie; the budget caps the node count.
     assert lookup_tree([1, 2, 3, 4, 1, 2], 2) == ([3, 4], [-1, 0])
     assert lookup_tree([1, 2, 3], 4) == ([], [])
-    assert lookup_tree([1, 2, 1, 2], 0) == ([], [])
 
 
 def test_build_trie_keeps_the_best_nodes_with_their_parents():
@@ -106,7 +91,7 @@ def test_row_trees_accept_like_the_static_tree():
     tokens = torch.randint(0, 3, (64, tree.size), generator=gen)
     z = torch.randint(0, 3, (64, tree.size), generator=gen)
     rows = row_trees((tree.parents,) * 64, "cpu")
-    assert accept_rows(tokens, z, rows) [:2] == tree_accept(tokens, z, tree)[:2]
+    assert accept_rows(tokens, z, rows)[:2] == tree_accept(tokens, z, tree)[:2]
 
 
 def test_row_trees_differ_per_row_and_refuse_bad_parents():
