@@ -55,7 +55,7 @@ class AppArgs(BaseModel):
     lookup: int = Field(10, ge=0, description="With fused: also verify a trie of up to this many prompt-lookup drafts (0: none).")
     lookup_first: bool = Field(True, description="With lookup: SAT drafts only where lookup finds none (false: both in every pass).")
     sat_gate: bool = Field(
-        True, description="With fused: run the SAT draft block only while it measures faster than without it (sdsat/gate.py)."
+        True, description="With fused: run the SAT draft block only while it measures faster than without it (sdsat/decode/gate.py)."
     )
     adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")

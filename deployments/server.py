@@ -19,9 +19,9 @@ import torch
 from ray import serve
 
 from deployments.metrics import ServerMetrics
-from sdsat.engine import Engine, EngineConfig, EngineOverloaded, Request
-from sdsat.models import LoadedModel, load_model
-from sdsat.sat import SATConfig
+from sdsat.engine.engine import Engine, EngineConfig, EngineOverloaded, Request
+from sdsat.model.load import LoadedModel, load_model
+from sdsat.model.sat import SATConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -56,7 +56,7 @@ def find_default_export() -> Path | None:
     """
     import os
 
-    from sdsat.default_model import cache_dir
+    from sdsat.model.default_model import cache_dir
 
     candidates = [os.environ.get("SDSAT_DEFAULT_EXPORT")]
     candidates += [cache_dir() / "exports" / "default", Path(__file__).resolve().parent.parent / "exports" / "default"]

@@ -3,11 +3,11 @@
     python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
         --dtype bfloat16 --json results/bench.json
 
-The decoder is the fused one-pass iteration (sdsat/fused.py) with a trie of up to 10
-prompt-lookup drafts (sdsat/lookup.py), SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
+The decoder is the fused one-pass iteration (sdsat/decode/fused.py) with a trie of up to 10
+prompt-lookup drafts (sdsat/decode/lookup.py), SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
 ``--lookup 0``: SAT drafts only; ``--num-sat 0``: lookup only); ``--two-step`` is the
 paper's draft-pass-then-verify-pass iteration, which ``--tree`` and ``--oracle-drafts`` use.
-Where the SAT draft block would run, a gate (sdsat/gate.py) runs it only while it measures
+Where the SAT draft block would run, a gate (sdsat/decode/gate.py) runs it only while it measures
 faster than lookup drafts alone (``--no-sat-gate``: always).
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
@@ -27,11 +27,11 @@ import torch
 
 from jobs.prompts import load_prompts
 from jobs.report import write_json
-from sdsat.gate import SatGate
-from sdsat.generate import generate, make_sequences, oracle_drafts
-from sdsat.models import load_model
-from sdsat.stats import DecodeStats
-from sdsat.tree import DraftTree
+from sdsat.decode.gate import SatGate
+from sdsat.decode.generate import generate, make_sequences, oracle_drafts
+from sdsat.model.load import load_model
+from sdsat.decode.stats import DecodeStats
+from sdsat.decode.tree import DraftTree
 
 log = logging.getLogger("bench")
 # fp32 logit margin under which a divergence counts as rounding, per benchmarked dtype. bf16
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sat-gate", action=argparse.BooleanOptionalAction, default=True,
-        help="fused: run the SAT draft block only while it measures faster than lookup drafts alone (sdsat/gate.py)",
+        help="fused: run the SAT draft block only while it measures faster than lookup drafts alone (sdsat/decode/gate.py)",
     )
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")

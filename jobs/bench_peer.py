@@ -19,7 +19,7 @@ import torch
 
 from jobs.prompts import load_prompts
 from jobs.report import write_json
-from sdsat.models import load_model
+from sdsat.model.load import load_model
 
 log = logging.getLogger("bench_peer")
 

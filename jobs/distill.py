@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def _distill_part(model: str, prompts: list[list[int]], max_new_tokens: int, dtype: str, batch_size: int) -> list[list[int]]:
-    from sdsat.data import self_distill
-    from sdsat.models import load_model
+    from sdsat.training.data import self_distill
+    from sdsat.model.load import load_model
 
     return self_distill(load_model(model, dtype=dtype), prompts, max_new_tokens, batch_size=batch_size)
 

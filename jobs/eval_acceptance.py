@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
 from jobs.report import write_json  # noqa: E402
-from sdsat.generate import generate, make_sequences  # noqa: E402
-from sdsat.models import load_model  # noqa: E402
-from sdsat.stats import DecodeStats  # noqa: E402
+from sdsat.decode.generate import generate, make_sequences  # noqa: E402
+from sdsat.model.load import load_model  # noqa: E402
+from sdsat.decode.stats import DecodeStats  # noqa: E402
 
 
 def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int) -> dict:

@@ -11,9 +11,9 @@ import numpy as np
 
 from jobs.finetune_config import FinetuneConfig
 from jobs.train_checkpoint import find_checkpoint, read_state
-from sdsat.data import load_texts, pack
-from sdsat.models import resolve_path
-from sdsat.sat import CONFIG_FILE, SATConfig
+from sdsat.training.data import load_texts, pack
+from sdsat.model.load import resolve_path
+from sdsat.model.sat import CONFIG_FILE, SATConfig
 
 log = logging.getLogger(__name__)
 

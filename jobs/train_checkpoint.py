@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from sdsat.adapter import get_adapter
-from sdsat.models import LoadedModel, parse_dtype, save_artifact, save_model
+from sdsat.model.adapter import get_adapter
+from sdsat.model.load import LoadedModel, parse_dtype, save_artifact, save_model
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _fresh_base_with(loaded: LoadedModel, cfg: dict):
     fresh = build_model(cfg).model
     adapter = get_adapter(fresh)
     if adapter is None:
-        from sdsat.adapter import attach_adapter
+        from sdsat.model.adapter import attach_adapter
 
         adapter = attach_adapter(fresh, loaded.sat.sat_ids, trained.cfg)
     adapter.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})

@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from jobs.train_checkpoint import export, latest_complete, load_checkpoint, read_state, save_checkpoint
 from jobs.train_setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
-from sdsat.frozen_loss import collate_two_pass
-from sdsat.rows import RowConfig, build_row, collate
+from sdsat.training.frozen_loss import collate_two_pass
+from sdsat.training.rows import RowConfig, build_row, collate
 
 log = logging.getLogger("sdsat.finetune")
 

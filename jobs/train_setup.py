@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from sdsat.adapter import AdapterConfig, attach_adapter, get_adapter
-from sdsat.frozen_loss import FrozenLossConfig, frozen_loss
-from sdsat.loss import LossConfig, sdsat_loss
-from sdsat.models import LoadedModel, load_model
-from sdsat.sat import add_sat_tokens
+from sdsat.model.adapter import AdapterConfig, attach_adapter, get_adapter
+from sdsat.training.frozen_loss import FrozenLossConfig, frozen_loss
+from sdsat.training.loss import LossConfig, sdsat_loss
+from sdsat.model.load import LoadedModel, load_model
+from sdsat.model.sat import add_sat_tokens
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
     but the SAT rows, so the base model stays bit-identical (AdamW moves a row only when
     it has had a gradient; weight decay is off for this group).
     sat_adapter: the base model is frozen (and, with precision=bf16, cast to bf16: it needs
-    no fp32 master copy); a SAT adapter (sdsat/adapter.py, fp32) trains, its SAT rows at
+    no fp32 master copy); a SAT adapter (sdsat/model/adapter.py, fp32) trains, its SAT rows at
     sat_lr and its low-rank deltas at lr. Standard tokens then run without gradients.
     """
     if cfg["train"] == "full":

@@ -5,7 +5,7 @@
 
 Decodes the prompts with plain greedy, then runs one draft pass after every prefix of each
 output and records, per depth, the rank of the true token among the SAT logits. For each
-size it prints the best tree (sdsat.tree.best_tree) and the accepted drafts per draft pass
+size it prints the best tree (sdsat.decode.tree.best_tree) and the accepted drafts per draft pass
 it would give on these positions, next to the chain's; pass a spec to bench.py --tree.
 Every position counts, while decoding drafts right after a rejection, so the estimate is
 optimistic in absolute terms; compare trees with it, then measure with jobs/bench.py.
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
 from jobs.report import write_json  # noqa: E402
-from sdsat.decoding import forward, prefill  # noqa: E402
-from sdsat.generate import generate, make_sequences  # noqa: E402
-from sdsat.kv_cache import SlotCache  # noqa: E402
-from sdsat.models import load_model  # noqa: E402
-from sdsat.tree import DraftTree, best_tree, true_token_ranks  # noqa: E402
+from sdsat.decode.decoding import forward, prefill  # noqa: E402
+from sdsat.decode.generate import generate, make_sequences  # noqa: E402
+from sdsat.decode.kv_cache import SlotCache  # noqa: E402
+from sdsat.model.load import load_model  # noqa: E402
+from sdsat.decode.tree import DraftTree, best_tree, true_token_ranks  # noqa: E402
 
 log = logging.getLogger("tree_search")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from sdsat.models import LoadedModel, load_model
-from sdsat.sat import SATConfig
+from sdsat.model.load import LoadedModel, load_model
+from sdsat.model.sat import SATConfig
 
 TINY_VOCAB = 256
 

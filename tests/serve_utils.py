@@ -10,9 +10,9 @@ import httpx
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sdsat.default_model import default_checkpoint
-from sdsat.models import LoadedModel, save_model
-from sdsat.sat import add_sat_tokens
+from sdsat.model.default_model import default_checkpoint
+from sdsat.model.load import LoadedModel, save_model
+from sdsat.model.sat import add_sat_tokens
 
 
 def make_tiny_checkpoint(directory: Path, k: int = 4, seed: int = 0, context: int = 512, nan_head: bool = False) -> Path:

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from sdsat.adapter import WEIGHTS_FILE, AdapterConfig, attach_adapter, get_adapter
-from sdsat.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
-from sdsat.generate import generate, make_sequences
-from sdsat.models import LoadedModel, load_model, save_artifact, save_model
-from sdsat.rows import RowConfig, build_row, collate
-from sdsat.sat import CONFIG_FILE, SATConfig
+from sdsat.model.adapter import WEIGHTS_FILE, AdapterConfig, attach_adapter, get_adapter
+from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
+from sdsat.training.rows import RowConfig, build_row, collate
+from sdsat.model.sat import CONFIG_FILE, SATConfig
 from tests.conftest import tiny_loaded, tiny_model
 from tests.test_finetune_config import tiny_tokenizer
 

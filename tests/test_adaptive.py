@@ -6,7 +6,7 @@ import pytest
 
 import asyncio
 
-from sdsat.adaptive import (
+from sdsat.decode.adaptive import (
     AdaptiveK,
     bucket,
     calibration_sizes,
@@ -15,9 +15,9 @@ from sdsat.adaptive import (
     interpolate,
     interpolate_times,
 )
-from sdsat.calibrate import calibrate
-from sdsat.engine import Engine, EngineConfig, Request
-from sdsat.generate import generate, make_sequences
+from sdsat.decode.calibrate import calibrate
+from sdsat.engine.engine import Engine, EngineConfig, Request
+from sdsat.decode.generate import generate, make_sequences
 from tests.conftest import tiny_loaded
 
 

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sdsat.data import load_texts, pack, pack_ids, self_distill, stdlib_files
+from sdsat.training.data import load_texts, pack, pack_ids, self_distill, stdlib_files
 from tests.conftest import tiny_loaded
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

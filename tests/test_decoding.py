@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sdsat.decoding import accept, greedy
-from sdsat.generate import generate, make_sequences, oracle_drafts, stream
+from sdsat.decode.decoding import accept, greedy
+from sdsat.decode.generate import generate, make_sequences, oracle_drafts, stream
 from tests.conftest import hf_greedy, tiny_loaded
 
 NEW_TOKENS = 48

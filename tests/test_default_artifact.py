@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.adapter import get_adapter
-from sdsat.generate import generate, make_sequences
-from sdsat.models import DEFAULT_ARTIFACT, load_model
+from sdsat.model.adapter import get_adapter
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.model.load import DEFAULT_ARTIFACT, load_model
 
 pytestmark = pytest.mark.slow
 

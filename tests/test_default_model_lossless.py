@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.gate import SatGate
-from sdsat.generate import generate, make_sequences, oracle_drafts
+from sdsat.decode.gate import SatGate
+from sdsat.decode.generate import generate, make_sequences, oracle_drafts
 from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -72,8 +72,8 @@ def test_sdsat_equals_plain_greedy_batched(setup, k):
     "k,lookup,first,gated", [(5, 0, False, False), (5, 10, False, False), (5, 10, True, False), (5, 10, True, True), (0, 10, False, False)]
 )
 def test_fused_with_lookup_equals_plain_greedy(setup, k, lookup, first, gated):
-    """One pass per iteration (sdsat/fused.py), SAT and/or prompt-lookup drafts (gated: the
-    SAT block where the gate lets it run, sdsat/gate.py)."""
+    """One pass per iteration (sdsat/decode/fused.py), SAT and/or prompt-lookup drafts (gated: the
+    SAT block where the gate lets it run, sdsat/decode/gate.py)."""
     loaded, prompts, plain = setup
     seqs = make_sequences(loaded, prompts, NEW_TOKENS, eos=False)
     gate = SatGate(explore_every=2, warmup=1) if gated else None

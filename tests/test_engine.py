@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from sdsat.engine import Engine, EngineConfig, EngineError, EngineOverloaded, Request
-from sdsat.generate import generate, make_sequences
+from sdsat.engine.engine import Engine, EngineConfig, EngineError, EngineOverloaded, Request
+from sdsat.decode.generate import generate, make_sequences
 from tests.conftest import tiny_loaded
 
 PROMPTS = [[(7 * i + j) % 200 + 3 for j in range(3 + i)] for i in range(16)]  # 16 ragged prompts
@@ -31,7 +31,7 @@ def tiny():
 
 
 def alone(loaded, prompt, n=NEW, k=4, stop=()):
-    """sdsat.generate on one prompt by itself: the reference output."""
+    """sdsat.decode.generate on one prompt by itself: the reference output."""
     return generate(loaded, make_sequences(loaded, [prompt], n, stop=stop), num_sat=k)[0]
 
 

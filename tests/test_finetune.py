@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from jobs.finetune import main
 from jobs.train_checkpoint import checkpoint_dirs, is_complete, read_state
 from jobs.train_setup import make_scheduler, select_trainable
-from sdsat.generate import generate, make_sequences
-from sdsat.models import load_model
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.model.load import load_model
 from tests.conftest import tiny_model
 from tests.test_finetune_config import save_tiny_checkpoint
 

@@ -12,8 +12,8 @@ from transformers import PreTrainedTokenizerFast
 from jobs.finetune import check_resources, main
 from jobs.finetune_config import FinetuneConfig, build_parser, load_config, parse_args
 from jobs.finetune_data import prepare
-from sdsat.models import LoadedModel, save_model
-from sdsat.sat import SATConfig
+from sdsat.model.load import LoadedModel, save_model
+from sdsat.model.sat import SATConfig
 from tests.conftest import tiny_model
 
 

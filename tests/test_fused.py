@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.batch import Batch
-from sdsat.decoding import prefill
-from sdsat.fused import fused_step, layout, row_parents
-from sdsat.generate import generate, make_sequences
-from sdsat.kv_cache import SlotCache
-from sdsat.lookup import LookupIndex, build_trie, lookup_tree
-from sdsat.row_tree import accept_rows, row_trees
-from sdsat.tree import DraftTree, tree_accept
+from sdsat.decode.batch import Batch
+from sdsat.decode.decoding import prefill
+from sdsat.decode.fused import fused_step, layout, row_parents
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.decode.kv_cache import SlotCache
+from sdsat.decode.lookup import LookupIndex, build_trie, lookup_tree
+from sdsat.decode.row_tree import accept_rows, row_trees
+from sdsat.decode.tree import DraftTree, tree_accept
 from tests.conftest import hf_greedy, tiny_loaded
 
 NEW_TOKENS = 40
@@ -262,7 +262,7 @@ def test_lookup_needs_fused_and_is_not_negative(tiny):
 def test_next_drafts_are_the_draft_pass_guesses_past_the_accepted_ones(tiny, planted):
     """The block's guess i is the two-step draft pass's draft i (same cache, same ``last``);
     after a accepted drafts the next chain starts at guess a+1, SAT-filled at the end."""
-    from sdsat.decoding import draft
+    from sdsat.decode.decoding import draft
 
     loaded, refs = tiny
     k = 4

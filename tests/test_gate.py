@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdsat.gate import LOOKUP, SAT, SatGate
-from sdsat.generate import generate, make_sequences
+from sdsat.decode.gate import LOOKUP, SAT, SatGate
+from sdsat.decode.generate import generate, make_sequences
 from tests.conftest import hf_greedy, tiny_loaded
 
 
@@ -79,7 +79,7 @@ def test_decoding_with_a_gate_is_plain_greedy(arch):
 
 
 def test_walk_counts_the_truth_prefix_that_is_a_trie_path():
-    from sdsat.batch import _walk
+    from sdsat.decode.batch import _walk
 
     trie = ([8, 9, 7, 2], [-1, 0, -1, 1])  # 8 -> 9 -> 2, and 7
     assert _walk(trie, [8, 9, 2, 5]) == 3 and _walk(trie, [7, 1]) == 1 and _walk(trie, [9]) == 0
@@ -88,7 +88,7 @@ def test_walk_counts_the_truth_prefix_that_is_a_trie_path():
 
 def test_the_sat_gain_is_what_the_sat_drafts_were_accepted_for():
     """SAT drafts alone (no lookup): every accepted draft is the SAT drafts' gain."""
-    from sdsat.batch import Batch
+    from sdsat.decode.batch import Batch
 
     class Recording(SatGate):
         def __init__(self):

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdsat.loss import LossConfig, sdsat_loss
-from sdsat.rows import IGNORE, RowConfig, build_row, collate
+from sdsat.training.loss import LossConfig, sdsat_loss
+from sdsat.training.rows import IGNORE, RowConfig, build_row, collate
 from tests.conftest import tiny_model
 
 SATS = [252, 253, 254, 255]

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from sdsat.models import load_model, parse_dtype, resolve_path, save_model
-from sdsat.sat import CONFIG_FILE, SATConfig, add_sat_tokens
+from sdsat.model.load import load_model, parse_dtype, resolve_path, save_model
+from sdsat.model.sat import CONFIG_FILE, SATConfig, add_sat_tokens
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from sdsat.rows import IGNORE, RowConfig, allowed, build_row, collate, poisson
+from sdsat.training.rows import IGNORE, RowConfig, allowed, build_row, collate, poisson
 from tests.conftest import tiny_model
 
 SATS = [250, 251, 252, 253]
@@ -40,7 +40,7 @@ def blocks(row):
 
 
 def reference_allowed(row) -> list[list[bool]]:
-    """The DESIGN.md rules written cell by cell, independently of sdsat.rows."""
+    """The DESIGN.md rules written cell by cell, independently of sdsat.training.rows."""
     n = len(row["input_ids"])
     std_len = row["block_id"].count(-1)
     grid = [[False] * n for _ in range(n)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.batch import Sequence
-from sdsat.sampling import SamplingParams, sample, top_p_filter
-from sdsat.text_stream import TextStream, held_back
+from sdsat.decode.batch import Sequence
+from sdsat.decode.sampling import SamplingParams, sample, top_p_filter
+from sdsat.engine.text_stream import TextStream, held_back
 from tests.conftest import TinyTokenizer
 
 

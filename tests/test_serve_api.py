@@ -15,8 +15,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from sdsat.generate import generate, make_sequences
-from sdsat.models import load_model
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.model.load import load_model
 from tests.serve_utils import free_port, make_tiny_checkpoint, start_ray_serve, stop_ray_serve, wait_healthy
 
 pytestmark = pytest.mark.slow

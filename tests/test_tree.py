@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.decoding import forward, greedy, prefill
-from sdsat.generate import generate, make_sequences, oracle_drafts
-from sdsat.kv_cache import SlotCache
-from sdsat.tree import DraftTree, best_tree, sdsat_tree_step, tree_accept, tree_candidates, true_token_ranks
+from sdsat.decode.decoding import forward, greedy, prefill
+from sdsat.decode.generate import generate, make_sequences, oracle_drafts
+from sdsat.decode.kv_cache import SlotCache
+from sdsat.decode.tree import DraftTree, best_tree, sdsat_tree_step, tree_accept, tree_candidates, true_token_ranks
 from tests.conftest import hf_greedy, tiny_loaded
 from tests.test_decoding import logits_for
 
@@ -168,7 +168,7 @@ def test_accept_mixed_batch():
 
 def test_accept_chain_tree_matches_chain_rule():
     """The chain tree's rule equals decoding.accept's: longest prefix, stop at the first mismatch."""
-    from sdsat.decoding import accept
+    from sdsat.decode.decoding import accept
 
     tokens = torch.tensor([[1, 4, 5, 6], [1, 4, 5, 6], [1, 4, 5, 6]])
     z = greedy(logits_for([[4, 9, 6, 2], [4, 5, 6, 11], [7, 5, 6, 2]]), None)

@@ -121,7 +121,7 @@ def pack_ids(sequences: list[list[int]], row_len: int) -> list[list[int]]:
 
 def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
     """Each prompt followed by the model's own greedy continuation (plain decoding, SATs banned)."""
-    from .generate import generate, make_sequences
+    from ..decode.generate import generate, make_sequences
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -2,7 +2,7 @@
 
 Sequences join (their prompts are prefilled and appended) and leave (finished or
 cancelled) between steps; every step uses one k for the whole batch and each row accepts
-its own number of drafts. Used by :func:`sdsat.generate.generate` and by the serving engine.
+its own number of drafts. Used by :func:`sdsat.decode.generate.generate` and by the serving engine.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class Batch:
 
         tree: verify a draft tree (depth len(sat_ids)) instead of the chain of top-1 drafts;
         draft_override then replaces the top-1 candidate of every depth.
-        fused: one pass verifies the pending drafts and drafts the next ones (sdsat/fused.py),
+        fused: one pass verifies the pending drafts and drafts the next ones (sdsat/decode/fused.py),
         with up to ``lookup`` prompt-lookup drafts verified beside them; lookup_first: when every
         row has lookup drafts, run no SAT draft block in that pass (so SAT drafts are made only
         where lookup finds none).
@@ -235,7 +235,7 @@ class Batch:
         return torch.cat([pending, pad])
 
     def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int, str | None, int]:
-        """One fused iteration (sdsat/fused.py); returns (emitted tokens, accepted drafts) per row,
+        """One fused iteration (sdsat/decode/fused.py); returns (emitted tokens, accepted drafts) per row,
         the deepest draft offered, the gate's choice (None: it made none) and the SAT drafts'
         gain: tokens accepted beyond what the lookup drafts alone would have given."""
         rows = len(self.sequences)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .batch import Sequence
+from ..decode.batch import Sequence
 
 log = logging.getLogger(__name__)
 

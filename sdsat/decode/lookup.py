@@ -2,7 +2,7 @@
 
 Code and edits repeat names, lines and whole phrases of their prompt; when the newest n
 tokens (n = 3, then 2, then 1) occurred before, the tokens that followed them then are a
-free guess at what follows now. The fused decoder (:mod:`sdsat.fused`) verifies these
+free guess at what follows now. The fused decoder (:mod:`sdsat.decode.fused`) verifies these
 guesses beside the SAT drafts in the same pass, so they never change the output.
 
 The drafts form a trie (:func:`lookup_tree`): what followed the newest ``MATCHES``

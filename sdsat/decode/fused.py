@@ -6,11 +6,11 @@ relative to ``last`` (at position L, not yet in the cache):
 
 - the root, ``last`` (depth 0);
 - the pending SAT drafts p_1..p_k, a chain under the root (depths 1..k);
-- the prompt-lookup drafts l_1..l_m (:mod:`sdsat.lookup`), a second chain (depths 1..m);
+- the prompt-lookup drafts l_1..l_m (:mod:`sdsat.decode.lookup`), a second chain (depths 1..m);
 - the draft block sat_1..sat_k, a third chain under the root (depths 1..k): exactly the
   draft pass's SATs, seeing the cache, ``last`` and the SATs before them.
 
-Every node sees the committed cache and its own ancestors only (:mod:`sdsat.tree`'s
+Every node sees the committed cache and its own ancestors only (:mod:`sdsat.decode.tree`'s
 ancestor mask). A draft is accepted when it equals its parent's argmax and its parent is
 accepted; SAT ids are never an argmax, so the block is never accepted. The deepest
 accepted node (a = its depth) ends the path; emitted are its a drafts and the bonus, the

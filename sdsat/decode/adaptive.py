@@ -3,7 +3,7 @@
 Per decode iteration, plain decoding (k = 0) yields 1 token in one pass; SDSAT with k SATs
 yields E[tokens | k] = 2 + sum_{i=1..k} prod_{j<=i} p_j in two passes, where p_j is the
 conditional acceptance at offset j (draft j accepted given drafts 1..j-1 were); the fused
-iteration (sdsat/fused.py) yields 1 + the same sum, in one pass, summed up to the lookup
+iteration (sdsat/decode/fused.py) yields 1 + the same sum, in one pass, summed up to the lookup
 drafts' length when that is longer. The best k
 maximises E[tokens | k] / time(iteration with k); drafting is chosen only when it beats the
 plain step by a margin, so estimation noise falls back to plain decoding, never below it.
@@ -11,7 +11,7 @@ plain step by a margin, so estimation noise falls back to plain decoding, never 
 Both factors are measured online: iteration time as an EMA per (batch size, k), estimated
 for unmeasured cells by linear interpolation over batch size and then over k; acceptance as
 decayed counts per offset. The serving engine fills the time table before traffic
-(:mod:`sdsat.calibrate`), so no request pays for first measurements. All rows of a step
+(:mod:`sdsat.decode.calibrate`), so no request pays for first measurements. All rows of a step
 share its time, so the per-row rate ranks k for the whole batch.
 """
 

@@ -1,6 +1,6 @@
 """The SDSAT training loss: w_std * CE(standard) + w_sat * CE(SAT) [+ w_kl * KL(teacher || SAT)].
 
-A pure function of (model, batch) where the batch comes from :func:`sdsat.rows.collate`.
+A pure function of (model, batch) where the batch comes from :func:`sdsat.training.rows.collate`.
 The LM head runs only at labelled positions: the decoder gives hidden states, the
 labelled ones are gathered, and only they go through the output embedding.
 

@@ -2,7 +2,7 @@
 
 With the base frozen (only a SAT adapter and the SAT embedding rows train), standard
 tokens need no autograd at all, and they never attend to SATs. So a batch runs in two
-passes over the same rows (layout of :func:`sdsat.rows.build_row`):
+passes over the same rows (layout of :func:`sdsat.training.rows.build_row`):
 1. the standard tokens under ``torch.no_grad``, filling a KV cache; the base model's own
    prediction at standard position t+i (given the real prefix) is the *teacher* of SAT i
    of anchor t: verification accepts exactly that token on this prefix;
@@ -42,7 +42,7 @@ class FrozenLossConfig:
 
 
 def collate_two_pass(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Rows of :func:`sdsat.rows.build_row` -> a two-pass batch.
+    """Rows of :func:`sdsat.training.rows.build_row` -> a two-pass batch.
 
     std_ids, std_pos [B, W]; std_mask [B, 1, W, W]; sat_ids, sat_pos, sat_offset, labels [B, S];
     sat_mask [B, 1, S, W + S] (additive, 0 / finfo(dtype).min); teacher_index [N] (for each
@@ -87,7 +87,7 @@ def collate_two_pass(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[
 
 
 def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor, dict]:
-    """Loss and metrics. Metrics as :func:`sdsat.loss.sdsat_loss` returns them (ce_std is 0):
+    """Loss and metrics. Metrics as :func:`sdsat.training.loss.sdsat_loss` returns them (ce_std is 0):
     sat_acc per offset is the agreement with the teacher (the acceptance estimate on this
     prefix), sat_data_acc the accuracy against the data."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()

@@ -1,7 +1,7 @@
 """The serving engine: one model, many concurrent requests, shared decode steps.
 
 Requests arrive through :meth:`Engine.generate` (an async iterator of :class:`Chunk`) from
-any event loop. One background thread (:mod:`sdsat.engine_loop`) owns the model: requests
+any event loop. One background thread (:mod:`sdsat.engine.loop`) owns the model: requests
 join its batches between steps and leave when finished or cancelled, greedy ones decode
 with SDSAT at an adaptive k, sampling ones with plain sampling. The engine is plain Python
 and torch; serving frameworks only wire it.
@@ -13,11 +13,11 @@ import asyncio
 import threading
 from typing import AsyncIterator, Callable
 
-from .engine_loop import ActiveRequest, DecodeLoop, Inbox
-from .engine_types import Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
-from .generate import make_sequences
-from .models import LoadedModel
-from .sampling import SamplingParams
+from .loop import ActiveRequest, DecodeLoop, Inbox
+from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
+from ..decode.generate import make_sequences
+from ..model.load import LoadedModel
+from ..decode.sampling import SamplingParams
 from .text_stream import TextStream
 
 __all__ = ["Chunk", "Engine", "EngineConfig", "EngineError", "EngineOverloaded", "Request", "StepMetrics"]

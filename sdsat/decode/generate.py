@@ -9,7 +9,7 @@ import torch
 
 from .batch import Batch, Sequence, StepEvent
 from .gate import SatGate
-from .models import LoadedModel
+from ..model.load import LoadedModel
 from .tree import DraftTree, as_tree
 
 
@@ -64,12 +64,12 @@ def stream(
 
     num_sat = 0 is plain greedy decoding; k > 0 is SDSAT with k SATs per draft.
     tree: a draft tree (or its spec, e.g. "2,2,1,1,1") to verify instead of the chain of
-    top-1 drafts (see sdsat/tree.py); None: the chain. Its depth (at most k) is the number
+    top-1 drafts (see sdsat/decode/tree.py); None: the chain. Its depth (at most k) is the number
     of SATs each draft pass uses.
-    fused: verify the drafts and draft the next ones in one pass (sdsat/fused.py), with up to
+    fused: verify the drafts and draft the next ones in one pass (sdsat/decode/fused.py), with up to
     ``lookup`` prompt-lookup drafts verified beside the SAT drafts (0: none); lookup_first:
     a pass where every row has lookup drafts runs no SAT draft block. gate: a
-    :class:`sdsat.gate.SatGate` that decides, where the block would run, whether it does
+    :class:`sdsat.decode.gate.SatGate` that decides, where the block would run, whether it does
     (keep one across calls: it learns from every pass).
     """
     if lookup and not fused:

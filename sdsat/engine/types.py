@@ -12,10 +12,10 @@ class EngineConfig:
     num_sat: int | None = None  # default k; None: the model's trained k (or all its SATs), 0 without SATs
     adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
     calibrate: bool = True  # adaptive: time plain and drafting steps per batch size before serving
-    fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/fused.py)
+    fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/decode/fused.py)
     lookup: int = 10  # fused: also verify a trie of up to this many prompt-lookup drafts per row (0: none)
     lookup_first: bool = True  # a pass where every row has lookup drafts runs no SAT draft block
-    sat_gate: bool = True  # fused: run the SAT draft block only while it measures faster than without (sdsat/gate.py)
+    sat_gate: bool = True  # fused: run the SAT draft block only while it measures faster than without (sdsat/decode/gate.py)
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
 

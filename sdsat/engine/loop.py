@@ -21,13 +21,13 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .adaptive import AdaptiveK
-from .batch import Batch, Sequence, StepEvent
-from .calibrate import calibrate
-from .gate import SatGate
-from .engine_types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
-from .models import LoadedModel
-from .sampling import SamplingBatch, SamplingParams
+from ..decode.adaptive import AdaptiveK
+from ..decode.batch import Batch, Sequence, StepEvent
+from ..decode.calibrate import calibrate
+from ..decode.gate import SatGate
+from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
+from ..model.load import LoadedModel
+from ..decode.sampling import SamplingBatch, SamplingParams
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)

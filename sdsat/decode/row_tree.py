@@ -1,9 +1,9 @@
 """Draft trees whose shape differs from row to row, verified in one batched pass.
 
-:class:`sdsat.tree.DraftTree` is one static shape for every row. Prompt-lookup drafts are
-tries built from each row's own history (:mod:`sdsat.lookup`), so each row brings its own
+:class:`sdsat.decode.tree.DraftTree` is one static shape for every row. Prompt-lookup drafts are
+tries built from each row's own history (:mod:`sdsat.decode.lookup`), so each row brings its own
 parents. Rows are padded to the same node count N; a row's nodes are listed parents first.
-The acceptance rule is :mod:`sdsat.tree`'s: a node is accepted when it equals its parent's
+The acceptance rule is :mod:`sdsat.decode.tree`'s: a node is accepted when it equals its parent's
 argmax and its parent is accepted; the deepest accepted node (ties: the lowest index) ends
 the path, and emitted are the path's tokens and the bonus argmax there.
 """

@@ -3,7 +3,7 @@
 For one batch size per bucket (1, 2, 4, ..., max_batch_size) a throwaway batch of dummy
 rows (a prompt of typical length) takes one warm-up step of each kind (the first call of a
 path costs more), then ``repeats`` rounds of a plain step, a k = 1 step and a k = k_max
-step; the median time of each kind goes into :class:`sdsat.adaptive.AdaptiveK`'s table (no
+step; the median time of each kind goes into :class:`sdsat.decode.adaptive.AdaptiveK`'s table (no
 acceptance: dummy drafts say nothing about real ones). Without it, the first requests at
 each batch size would pay for these measurements, and a single noisy first sample could
 pick the wrong k.
@@ -18,7 +18,7 @@ import time
 from .adaptive import AdaptiveK, calibration_sizes
 from .batch import Batch
 from .generate import make_sequences, max_prompt_len
-from .models import LoadedModel
+from ..model.load import LoadedModel
 
 log = logging.getLogger(__name__)
 

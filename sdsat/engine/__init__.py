@@ -1,0 +1,1 @@
+"""The serving engine: requests joining and leaving batches, streaming text."""

@@ -1,0 +1,1 @@
+"""Models: loading, the default model, SAT tokens, adapters, shipped artifacts."""
