@@ -49,23 +49,18 @@ class AppArgs(BaseModel):
     replica_retries: int = Field(
         3, ge=0, description="Times a request is sent again when its replica dies before the client got any of it."
     )
-    fused: bool = Field(
-        True, description="One pass per iteration verifies the drafts and drafts the next; false: the paper's two passes."
+    lookup: int = Field(
+        16, ge=0, description="Prompt-lookup trie nodes a row may offer per pass (0: none); the scheduler picks how many."
     )
-    lookup: int = Field(10, ge=0, description="With fused: also verify a trie of up to this many prompt-lookup drafts (0: none).")
-    lookup_first: bool = Field(True, description="With lookup: SAT drafts only where lookup finds none (false: both in every pass).")
-    sat_gate: bool = Field(
-        True, description="With fused: run the SAT draft block only while it measures faster than without it (sdsat/decode/gate.py)."
+    calibration_budget_s: float = Field(
+        8.0, ge=0, description="Seconds of start-up pass-cost measurement, interleaved with serving (0: never draft)."
     )
-    adaptive: bool = Field(True, description="Let the engine lower k (down to plain decoding) when drafting does not pay.")
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
-        if self.lookup and not self.fused:
-            raise ValueError("lookup drafts need fused=true (set lookup=0 for the two-step iteration)")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError("max_batch_size cannot exceed max_ongoing_requests (the batch would never fill)")
         return self
@@ -100,11 +95,8 @@ def build_app(args: AppArgs | dict | None = None):
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
         max_queue=max(args.max_ongoing_requests, args.max_batch_size),
-        adaptive=args.adaptive,
-        fused=args.fused,
         lookup=args.lookup,
-        lookup_first=args.lookup_first,
-        sat_gate=args.sat_gate,
+        calibration_budget_s=args.calibration_budget_s,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},

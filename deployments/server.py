@@ -40,11 +40,8 @@ class ServerSettings:
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256  # chat requests without max_tokens
     max_queue: int = 256
-    adaptive: bool = True
-    fused: bool = True
-    lookup: int = 10
-    lookup_first: bool = True
-    sat_gate: bool = True
+    lookup: int = 16
+    calibration_budget_s: float = 8.0
 
 
 def find_default_export() -> Path | None:
@@ -114,11 +111,8 @@ class SDSATServer:
         config = EngineConfig(
             max_batch_size=settings.max_batch_size,
             num_sat=self.num_sat,
-            adaptive=settings.adaptive,
-            fused=settings.fused,
             lookup=settings.lookup,
-            lookup_first=settings.lookup_first,
-            sat_gate=settings.sat_gate,
+            calibration_budget_s=settings.calibration_budget_s,
             max_new_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
         )

@@ -3,12 +3,14 @@
     python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
         --dtype bfloat16 --json results/bench.json
 
-The decoder is the fused one-pass iteration (sdsat/decode/fused.py) with a trie of up to 10
-prompt-lookup drafts (sdsat/decode/lookup.py), SAT drafts where lookup finds none (``--no-lookup-first``: both in every pass;
-``--lookup 0``: SAT drafts only; ``--num-sat 0``: lookup only); ``--two-step`` is the
-paper's draft-pass-then-verify-pass iteration, which ``--tree`` and ``--oracle-drafts`` use.
-Where the SAT draft block would run, a gate (sdsat/decode/gate.py) runs it only while it measures
-faster than lookup drafts alone (``--no-sat-gate``: always).
+The default decoder is exactly what serving runs: the fused one-pass iteration
+(sdsat/decode/fused.py) with the drafts the scheduler (sdsat/decode/scheduler.py) chooses per
+row and pass from a pass-cost curve measured here at start-up (reported as ``pass_cost``) and
+online acceptance estimates: up to ``--lookup`` prompt-lookup trie nodes, pending SAT drafts
+and a draft block of up to ``--num-sat`` SATs, or a plain step where drafting does not pay.
+``--lookup 0``: SAT drafts only; ``--num-sat 0 --lookup N``: prompt lookup only;
+``--two-step``: the paper's draft-pass-then-verify-pass iteration at a fixed k, which
+``--tree`` and ``--oracle-drafts`` use.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
@@ -19,16 +21,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 import time
 
 import torch
 
 from jobs.prompts import load_prompts
-from jobs.report import write_json
-from sdsat.decode.gate import SatGate
-from sdsat.decode.generate import generate, make_sequences, oracle_drafts
+from jobs.report import machine_info, write_json
+from sdsat.decode.calibrate import measured_scheduler
+from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, oracle_drafts
+from sdsat.decode.scheduler import Scheduler
 from sdsat.model.load import load_model
 from sdsat.decode.stats import DecodeStats
 from sdsat.decode.tree import DraftTree
@@ -55,15 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--two-step", action="store_true",
         help="the paper's iteration (a draft pass, then a verify pass) instead of the fused one-pass iteration",
     )
-    p.add_argument("--lookup", type=int, default=10, help="fused: also verify a trie of up to N prompt-lookup drafts (0: none)")
-    p.add_argument(
-        "--lookup-first", action=argparse.BooleanOptionalAction, default=True,
-        help="fused: a pass where lookup finds drafts runs no SAT draft block (SAT drafts only where it finds none)",
-    )
-    p.add_argument(
-        "--sat-gate", action=argparse.BooleanOptionalAction, default=True,
-        help="fused: run the SAT draft block only while it measures faster than lookup drafts alone (sdsat/decode/gate.py)",
-    )
+    p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help="prompt-lookup trie nodes a row may offer per pass (0: none)")
+    p.add_argument("--calibration-budget", type=float, default=8.0, help="seconds of start-up pass-cost measurement")
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -89,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(loaded, prompts, args, k: int, references=None, draft: bool = True, gate: SatGate | None = None):
-    """Decode every prompt in batches (k = 0 and draft=False: plain greedy; k = 0 with lookup
-    drafts: lookup alone); return (outputs, stats, seconds)."""
+def run(loaded, prompts, args, k: int, references=None, draft: bool = True, scheduler: Scheduler | None = None):
+    """Decode every prompt in batches (draft=False: plain greedy; else the default decoder
+    with this scheduler, or the two-step iteration); return (outputs, stats, seconds)."""
     outputs, stats, seconds = [], [], 0.0
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
@@ -101,10 +96,12 @@ def run(loaded, prompts, args, k: int, references=None, draft: bool = True, gate
             refs = references[start : start + args.batch_size]
             override = oracle_drafts({s.seq_id: r for s, r in zip(seqs, refs)}, regenerate=plain_continuation(loaded))
         t0 = time.perf_counter()
-        fused = draft and not args.two_step
-        tree = (args.tree or None) if k else None
-        lookup = args.lookup if fused else 0
-        generate(loaded, seqs, k, override, tree, fused=fused, lookup=lookup, lookup_first=args.lookup_first, gate=gate)
+        if not draft:
+            generate(loaded, seqs, 0)
+        elif args.two_step:
+            generate(loaded, seqs, k, override, args.tree or None, two_step=True)
+        else:
+            generate(loaded, seqs, k, lookup=args.lookup, scheduler=scheduler)
         seconds += time.perf_counter() - t0
         if override is not None:  # leave out the untimed re-derivation of oracle references
             seconds -= override.seconds
@@ -169,12 +166,16 @@ def main(argv=None) -> dict:
     log.info("model %s, %s, k=%d, batch %d, %d prompts, %d new tokens", args.model, args.dtype, k,
              args.batch_size, len(prompts), args.max_new_tokens)
 
+    # The pass-cost curve, measured as a replica measures it; one scheduler for the whole run
+    # (it learns acceptance across prompts), fed by timed passes only.
+    t0 = time.perf_counter()
+    scheduler = measured_scheduler(loaded, budget_s=args.calibration_budget, pad_id=loaded.tokenizer.pad_token_id or 0)
+    calibration_s = time.perf_counter() - t0
+    log.info("pass cost (x a 1-token pass, batch 1): %s, measured in %.1f s",
+             {n: round(r, 2) for n, r in scheduler.cost.ratios().items()}, calibration_s)
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "stop": []})
     run(loaded, prompts[:1], warm, 0, draft=False)
-    run(loaded, prompts[:1], warm, k)
-
-    # One gate for the whole run (it learns across prompts), fed by timed passes only.
-    gate = SatGate() if args.sat_gate and k and not args.two_step else None
+    run(loaded, prompts[:1], warm, k, scheduler=Scheduler(scheduler.cost))
     plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
     plain_s = sdsat_s = 0.0
     step = args.batch_size
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
         plain_stats += stats
         plain_s += secs
         refs = out if args.oracle_drafts else None
-        out, stats, secs = run(loaded, chunk, args, k, refs, gate=gate)
+        out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler)
         sdsat_out += out
         sdsat_stats += stats
         sdsat_s += secs
@@ -204,7 +205,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "dtype": dtype_name,
         "device": args.device,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine_info(),
         "torch": torch.__version__,
         "k": k,
         "batch": args.batch_size,
@@ -214,10 +215,12 @@ def main(argv=None) -> dict:
         "stop": args.stop,
         "oracle_drafts": args.oracle_drafts,
         "tree": args.tree or None,
-        "decoder": "two-step" if args.two_step else "fused",
+        "decoder": "two-step" if args.two_step else "scheduled",
         "lookup": args.lookup,
-        "lookup_first": args.lookup_first,
-        "sat_gate": gate.snapshot() if gate is not None else None,
+        "pass_cost": scheduler.cost.ratios(),
+        "pass_cost_1_token_s": scheduler.cost.curve[1],
+        "calibration_s": calibration_s,
+        "scheduler": scheduler.snapshot() if not args.two_step else None,
         "plain_tokens_per_s": plain_tokens / plain_s,
         "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
         "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),

@@ -27,7 +27,7 @@ def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int) ->
     total = DecodeStats()
     for text in prompts:
         seqs = make_sequences(loaded, [loaded.tokenizer.encode(text)], max_new_tokens)
-        generate(loaded, seqs, num_sat)
+        generate(loaded, seqs, num_sat, two_step=True)
         total.add(seqs[0].stats)
     iterations = max(total.iterations, 1)
     return {

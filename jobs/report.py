@@ -1,9 +1,14 @@
-"""Writing a job's results as JSON (bench, load test, acceptance eval, tree search). No torch."""
+"""Writing a job's results as JSON (bench, load test, acceptance eval, tree search), with the
+machine they were measured on."""
 
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "asimd", "sve")
 
 
 def write_json(path: str | Path, result: dict) -> None:
@@ -11,3 +16,34 @@ def write_json(path: str | Path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def machine_info() -> dict:
+    """What decides pass costs here: CPU model and the flags that matter (native bf16 or not),
+    cores, torch threads, and the GPU if one is used."""
+    import torch
+
+    info = {
+        "arch": platform.machine(),
+        "cpu": platform.processor() or "",
+        "cpu_flags": [],
+        "cores": None,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and "model name" not in info:
+            info["cpu"] = info["model name"] = value.strip()
+        elif key in ("flags", "Features") and not info["cpu_flags"]:
+            have = set(value.split())
+            info["cpu_flags"] = [f for f in CPU_FLAGS if f in have]
+    info.pop("model name", None)
+    info["cores"] = text.count("\nprocessor") + text.startswith("processor")
+    return info

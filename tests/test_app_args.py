@@ -17,13 +17,13 @@ def test_shipped_serve_config_is_valid_app_args():
     args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     parsed = AppArgs.model_validate(args)
     assert set(args) <= set(AppArgs.model_fields)  # no key the app would ignore
-    assert parsed.fused and parsed.lookup == 10
+    assert parsed.lookup == 16 and parsed.calibration_budget_s > 0
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({"fused": False, "lookup": 4}, "lookup drafts need fused=true"),
+        ({"calibration_budget_s": -1}, "calibration_budget_s"),
         ({"lookup": -1}, "lookup"),
         ({"replica_retries": -1}, "replica_retries"),
         ({"replicas": 3, "max_replicas": 2}, "max_replicas"),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdsat.decode.gate import SatGate
 from sdsat.decode.generate import generate, make_sequences, oracle_drafts
+from sdsat.decode.scheduler import Scheduler
 from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -62,27 +62,32 @@ def test_plain_loop_matches_transformers_generate(setup):
 
 
 @pytest.mark.parametrize("k", [1, 5])
-def test_sdsat_equals_plain_greedy_batched(setup, k):
+def test_two_step_sdsat_equals_plain_greedy_batched(setup, k):
     loaded, prompts, plain = setup
-    seqs = generate(loaded, make_sequences(loaded, prompts, NEW_TOKENS, eos=False), k)
+    seqs = generate(loaded, make_sequences(loaded, prompts, NEW_TOKENS, eos=False), k, two_step=True)
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
 
 
-@pytest.mark.parametrize(
-    "k,lookup,first,gated", [(5, 0, False, False), (5, 10, False, False), (5, 10, True, False), (5, 10, True, True), (0, 10, False, False)]
-)
-def test_fused_with_lookup_equals_plain_greedy(setup, k, lookup, first, gated):
-    """One pass per iteration (sdsat/decode/fused.py), SAT and/or prompt-lookup drafts (gated: the
-    SAT block where the gate lets it run, sdsat/decode/gate.py)."""
+@pytest.mark.parametrize("k,lookup", [(5, 0), (5, 16), (0, 16)])
+def test_scheduled_decoding_equals_plain_greedy(setup, k, lookup):
+    """The default decoder (sdsat/decode/fused.py with sdsat/decode/scheduler.py) across its
+    choices: a cost that makes every width worth a try, and exploration every third pass."""
     loaded, prompts, plain = setup
     seqs = make_sequences(loaded, prompts, NEW_TOKENS, eos=False)
-    gate = SatGate(explore_every=2, warmup=1) if gated else None
-    generate(loaded, seqs, k, fused=True, lookup=lookup, lookup_first=first, gate=gate)
-    if gated:
-        assert gate.counts["sat"] and gate.counts["lookup"]  # both arms ran
+    scheduler = Scheduler(lambda rows, q: 1.0 + 0.2 * (q % 4), explore_fraction=0.5, explore_every=3)
+    scheduler.total_s = 1e9  # exploration never runs out of budget
+    generate(loaded, seqs, k, lookup=lookup, scheduler=scheduler)
+    assert len(scheduler.widths) > 2
     assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
     if lookup:
         assert sum(s.stats.accepted for s in seqs) > 0
+
+
+def test_default_decoder_equals_plain_greedy(setup):
+    """generate's default: a scheduler on this machine's measured pass costs."""
+    loaded, prompts, plain = setup
+    seqs = generate(loaded, make_sequences(loaded, prompts, NEW_TOKENS, eos=False), 5)
+    assert_same_or_tie(loaded, prompts, plain, [s.output_ids for s in seqs])
 
 
 def test_sdsat_with_oracle_drafts_equals_plain_greedy(setup):

@@ -1,8 +1,7 @@
 """A running batch of sequences that share draft/verify (or plain) steps.
 
 Sequences join (their prompts are prefilled and appended) and leave (finished or
-cancelled) between steps; every step uses one k for the whole batch and each row accepts
-its own number of drafts. Used by :func:`sdsat.decode.generate.generate` and by the serving engine.
+cancelled) between steps; each row verifies its own drafts and accepts its own number. Used by :func:`sdsat.decode.generate.generate` and by the serving engine.
 """
 
 from __future__ import annotations
@@ -14,11 +13,12 @@ from typing import Callable
 
 import torch
 
+from .acceptance import depths
 from .decoding import plain_step, prefill, sdsat_step
-from .fused import fused_step
-from .gate import LOOKUP, SatGate
+from .fused import RowNodes, fused_pass
 from .kv_cache import SlotCache
 from .lookup import LookupIndex
+from .scheduler import Plan, RowCandidates, RowPlan, Scheduler, Trie
 from .stats import DecodeStats
 from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
@@ -97,23 +97,30 @@ class StepEvent:
 
 
 class Batch:
-    """Sequences decoding together on one model."""
+    """Sequences decoding together on one model.
 
-    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0, gate: SatGate | None = None):
+    :meth:`step` runs a plain step or the paper's two-step iteration with a fixed k;
+    :meth:`scheduled_step` runs the fused iteration with the drafts a
+    :class:`sdsat.decode.scheduler.Scheduler` chooses per row (the default decoder).
+    """
+
+    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0, scheduler: Scheduler | None = None):
         self.model = model
-        self.gate = gate  # fused mode: decides, where the SAT draft block would run, whether it does
         self.tokenizer = tokenizer
+        self.scheduler = scheduler
         self.device = next(model.parameters()).device
         self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=self.device)
         self.pad_id = pad_id
         self.sequences: list[Sequence] = []
         self.cache = SlotCache.for_model(model, 0)
         self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
-        self.pending: torch.Tensor | None = None  # [B, k]: fused mode's SAT drafts for the next step
-        # The token that stands in for missing drafts (verification keeps the output exact either
-        # way): a SAT id, never accepted, where the model has SATs.
-        self.pending_filler = int(self.banned[0]) if self.banned.numel() else pad_id
-        self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index (fused mode)
+        self.pending: dict[int, list[int]] = {}  # seq_id -> SAT drafts made by the last draft block
+        # The token that pads a row's nodes to the pass's width: a SAT id, never accepted,
+        # where the model has SATs (any token keeps the output exact).
+        self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
+        self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index
+        self.last_plan: Plan | None = None  # the latest scheduled step's plan
+        self.last_accepted: list[int] = []  # and the drafts each of its rows accepted
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -132,81 +139,99 @@ class Batch:
         self.cache.extend(cache)
         self.last = torch.cat([self.last, last])
         self.sequences.extend(sequences)
-        self.pending = None if self.pending is None else self._pad_rows(self.pending, len(sequences))
 
     @torch.inference_mode()
     def step(
         self,
-        sat_ids: list[int],
+        sat_ids: list[int] = (),
         draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
         tree: DraftTree | None = None,
-        fused: bool = False,
-        lookup: int = 0,
-        lookup_first: bool = False,
     ) -> list[StepEvent]:
-        """One iteration for every row: draft-then-verify with these SATs, or plain if none.
-
-        tree: verify a draft tree (depth len(sat_ids)) instead of the chain of top-1 drafts;
-        draft_override then replaces the top-1 candidate of every depth.
-        fused: one pass verifies the pending drafts and drafts the next ones (sdsat/decode/fused.py),
-        with up to ``lookup`` prompt-lookup drafts verified beside them; lookup_first: when every
-        row has lookup drafts, run no SAT draft block in that pass (so SAT drafts are made only
-        where lookup finds none).
-        Finished sequences leave the batch after the step.
-        """
+        """One iteration for every row: the paper's draft-then-verify with these SATs, or a
+        plain step if none. tree: verify a draft tree (depth len(sat_ids)) instead of the chain
+        of top-1 drafts; draft_override then replaces the top-1 candidate of every depth.
+        Finished sequences leave the batch after the step."""
         if not self.sequences:
             return []
         start = time.perf_counter()
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
-        fused = fused and (k > 0 or lookup > 0)
-        arm, sat_gain = None, 0  # the gate's choice in this pass, if it made one; SAT drafts' gain
-        if not (fused and k):
-            self.pending = None  # drafts made for the old position would be off
-        if k == 0 and not fused:
+        self.pending = {}
+        if k == 0:
             emitted = self._plain()
-            passes = 1
         else:
             override = None
             if draft_override is not None:
                 override = lambda drafts: draft_override(self.sequences, drafts)  # noqa: E731
             sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
-            if fused:
-                if draft_override is not None or tree is not None:
-                    raise ValueError("fused decoding takes no draft override or tree")
-                emitted, accepted, offered, arm, sat_gain = self._fused(sat, lookup, lookup_first)
-            elif tree is None:
+            if tree is None:
                 emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
             else:
                 first = None
                 if override is not None:
                     first = lambda cands: with_first_candidates(cands, override(cands[:, :, 0]))  # noqa: E731
-                emitted, self.last, _ = sdsat_tree_step(
-                    self.model, self.cache, self.last, sat, self.banned, tree, first
-                )
-            passes = 1 if fused else 2
+                emitted, self.last, _ = sdsat_tree_step(self.model, self.cache, self.last, sat, self.banned, tree, first)
+        drafts = [(k, len(tokens) - 2, k) if k else None for tokens in emitted]
+        return self._finish(emitted, drafts, 2 if k else 1, start, forward_before)
+
+    @torch.inference_mode()
+    def scheduled_step(self, sat_ids: list[int], lookup: int) -> list[StepEvent]:
+        """One fused iteration with the drafts the scheduler chooses: per row up to ``lookup``
+        prompt-lookup nodes, its pending SAT drafts and a draft block of up to its num_sat
+        (capped by len(sat_ids)) SATs; or a plain step where drafting does not pay."""
+        if not self.sequences:
+            return []
+        if self.scheduler is None:
+            raise ValueError("scheduled_step needs a Batch built with a scheduler")
+        start = time.perf_counter()
+        forward_before = self.cache.forward_seconds
+        rows = [self._candidates(seq, sat_ids, lookup) for seq in self.sequences]
+        plan = self.scheduler.plan(rows)
+        accepted = [0] * len(rows)
+        if plan.plain:
+            emitted = self._plain()
+            self.pending = {}
+            drafts = [None] * len(rows)
+        else:
+            nodes = [_nodes(row, p) for row, p in zip(rows, plan.rows)]
+            emitted, self.last, nxt, accepted = fused_pass(
+                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler
+            )
+            self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
+            drafts = [
+                (max(depths(n.parents)), a, len(n.drafts)) if n.drafts else None for n, a in zip(nodes, accepted)
+            ]
+        self.scheduler.observe(plan, rows, emitted, time.perf_counter() - start, [s.seq_id for s in self.sequences])
+        self.last_plan, self.last_accepted = plan, accepted
+        return self._finish(emitted, drafts, 1, start, forward_before)
+
+    def _candidates(self, seq: Sequence, sat_ids: list[int], lookup: int) -> RowCandidates:
+        cap = len(sat_ids) if seq.num_sat is None else min(seq.num_sat, len(sat_ids))
+        if seq.num_sat == 0:
+            return RowCandidates(drafting=False)
+        room = seq.max_new_tokens - len(seq.output_ids) - 1  # drafts past max_new_tokens would be cut
+        if room <= 0:
+            return RowCandidates()
+        trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
+        return RowCandidates(self.pending.get(seq.seq_id, [])[: min(cap, room)], trie, min(cap, room))
+
+    def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float) -> list[StepEvent]:
+        """Stats and stopping rules for a step's emitted tokens; finished rows leave."""
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
-        if self.gate is not None:
-            self.gate.after_pass(arm, sum(len(tokens) for tokens in emitted), wall_s, sat_gain)
         events = []
-        for row, (seq, tokens) in enumerate(zip(self.sequences, emitted)):
+        for seq, tokens, offered in zip(self.sequences, emitted, drafts):
             stats = seq.stats
             stats.iterations += 1
             stats.forward_passes += passes
             stats.forward_s += forward_s
             stats.decode_s += wall_s
-            if fused:
-                if offered:
-                    stats.record_drafts(offered, accepted[row])
-            elif k:
-                stats.record_drafts(k, len(tokens) - 2)
+            if offered is not None:
+                stats.record_drafts(*offered)
             kept = seq.append(tokens, self.tokenizer)
             stats.new_tokens += len(kept)
             events.append(StepEvent(seq, kept))
         self._drop(lambda s: s.finished)
-        if self.gate is not None and not self.sequences:
-            self.gate.reset_pending()  # no next pass to score a decision with
         return events
 
     def cancel(self, seq_ids: set[int], reason: str = "cancelled") -> list[Sequence]:
@@ -221,92 +246,38 @@ class Batch:
         keep = [i for i, s in enumerate(self.sequences) if not gone(s)]
         if len(keep) == len(self.sequences):
             return
+        if self.scheduler is not None:
+            for s in self.sequences:
+                if gone(s):
+                    self.scheduler.forget(s.seq_id)
         self.cache.select_rows(keep)
         self.last = self.last[keep]
         self.sequences = [self.sequences[i] for i in keep]
         kept = {s.seq_id for s in self.sequences}
         self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
-        if self.pending is not None:
-            self.pending = self.pending[keep]
-
-    def _pad_rows(self, pending: torch.Tensor, rows: int) -> torch.Tensor:
-        """New rows have no SAT drafts yet: a SAT id, never accepted, stands in."""
-        pad = torch.full((rows, pending.shape[1]), self.pending_filler, dtype=torch.long, device=self.device)
-        return torch.cat([pending, pad])
-
-    def _fused(self, sat: torch.Tensor, lookup: int, lookup_first: bool) -> tuple[list[list[int]], list[int], int, str | None, int]:
-        """One fused iteration (sdsat/decode/fused.py); returns (emitted tokens, accepted drafts) per row,
-        the deepest draft offered, the gate's choice (None: it made none) and the SAT drafts'
-        gain: tokens accepted beyond what the lookup drafts alone would have given."""
-        rows = len(self.sequences)
-        # Drafts past a row's max_new_tokens would be cut anyway (and this keeps them in its
-        # context): a trie of b nodes is at most b deep.
-        tries = [self._lookup(s, min(lookup, s.max_new_tokens - len(s.output_ids) - 1)) for s in self.sequences] if lookup else []
-        m = max((len(tokens) for tokens, _ in tries), default=0)
-        arm = None
-        if lookup_first and m and all(tokens for tokens, _ in tries):  # every row has lookup drafts: no draft block
-            sat = sat[:0]
-        elif self.gate is not None and sat.numel():
-            arm = self.gate.choose()
-            if arm == LOOKUP:
-                sat = sat[:0]
-        pending = self._pending_chain(rows)
-        c = pending.shape[1]
-        if c + m + sat.numel() == 0:  # no drafts of any kind: a plain step
-            return self._plain(), [0] * rows, 0, arm, 0
-        table = torch.full((rows, m), self.pending_filler, dtype=torch.long, device=self.device)
-        parents = [[-1] * m for _ in range(rows)]  # a row's spare nodes: the filler, under the root
-        deepest = 0
-        for row, (tokens, up) in enumerate(tries):
-            if tokens:
-                table[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                parents[row][: len(up)] = up
-                deepest = max(deepest, _depth(up))
-        emitted, self.last, nxt, accepted = fused_step(
-            self.model, self.cache, self.last, pending, table, sat, self.banned, self.pending_filler, parents if m else None
-        )
-        self.pending = nxt if nxt.shape[1] else None
-        gain = 0
-        if c:  # what lookup alone would have accepted: the trie's walk along the true tokens
-            gain = sum(a - _walk(trie, row[:a]) if trie else a for a, row, trie in zip(accepted, emitted, tries or [None] * rows))
-        return emitted, accepted, max(c, deepest), arm, gain
+        self.pending = {i: drafts for i, drafts in self.pending.items() if i in kept}
 
     def _plain(self) -> list[list[int]]:
         """One plain greedy step for every row; returns the token each row emitted."""
         self.last = plain_step(self.model, self.cache, self.last, self.banned)
         return [[t] for t in self.last.tolist()]
 
-    def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int]]:
-        """This row's prompt-lookup trie of up to ``budget`` nodes, (tokens, parents) (an index
-        per row, kept up to date)."""
+    def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int], list[float]]:
+        """This row's prompt-lookup trie of up to ``budget`` nodes, (tokens, parents, scores)
+        (an index per row, kept up to date)."""
         index = self.lookups.get(seq.seq_id)
         if index is None:
             index = self.lookups[seq.seq_id] = LookupIndex(seq.prompt_ids)
         index.extend(seq.output_ids[len(index.tokens) - len(seq.prompt_ids) :])
         return index.tree(budget)
 
-    def _pending_chain(self, rows: int) -> torch.Tensor:
-        """The SAT drafts to verify [rows, c]: trailing columns that hold no row's draft are cut."""
-        if self.pending is None or self.pending.shape[0] != rows:
-            return torch.empty(rows, 0, dtype=torch.long, device=self.device)
-        real = (self.pending != self.pending_filler).any(dim=0).nonzero()
-        return self.pending[:, : int(real[-1]) + 1] if real.numel() else self.pending[:, :0]
 
+def _nodes(row: RowCandidates, plan: RowPlan) -> RowNodes:
+    """The drafts a row verifies: its first ``plan.pending`` SAT drafts (a chain) and first
+    ``plan.lookup`` trie nodes, then its draft block."""
+    pending = row.pending[: plan.pending]
+    trie = row.lookup
+    parents = [i - 1 for i in range(len(pending))]
+    parents += [p if p < 0 else p + len(pending) for p in trie.parents[: plan.lookup]]
+    return RowNodes(pending + trie.tokens[: plan.lookup], parents, plan.block)
 
-def _depth(parents: list[int]) -> int:
-    """The depth of the deepest node of a trie given as parents (-1: under the root)."""
-    depths: list[int] = []
-    for p in parents:
-        depths.append(1 if p < 0 else depths[p] + 1)
-    return max(depths, default=0)
-
-
-def _walk(trie: tuple[list[int], list[int]], truth: list[int]) -> int:
-    """How many of ``truth``'s leading tokens form a path from the root of the trie (tokens, parents)."""
-    tokens, parents = trie
-    node = -1
-    for depth, token in enumerate(truth):
-        node = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == token), None)
-        if node is None:
-            return depth
-    return len(truth)

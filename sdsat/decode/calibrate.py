@@ -1,76 +1,115 @@
-"""Start-up calibration of adaptive k: time plain and drafting steps before serving traffic.
+"""Start-up measurement of the pass-cost curve (:mod:`sdsat.decode.cost`) on real text.
 
-For one batch size per bucket (1, 2, 4, ..., max_batch_size) a throwaway batch of dummy
-rows (a prompt of typical length) takes one warm-up step of each kind (the first call of a
-path costs more), then ``repeats`` rounds of a plain step, a k = 1 step and a k = k_max
-step; the median time of each kind goes into :class:`sdsat.decode.adaptive.AdaptiveK`'s table (no
-acceptance: dummy drafts say nothing about real ones). Without it, the first requests at
-each batch size would pay for these measurements, and a single noisy first sample could
-pick the wrong k.
+One row holding a prompt of real prose and code (it does not repeat itself) takes fused
+passes of n = 1, 2, 4, ... query tokens (its lookup drafts, padded with filler), in rounds:
+a warm-up round (the first call of a shape costs more), then timed rounds until
+``budget_s`` is spent (at least one). The median time per n is the curve. :class:`Calibration`
+runs one pass per call, so a serving engine can serve requests between its passes.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 
-from .adaptive import AdaptiveK, calibration_sizes
-from .batch import Batch
-from .generate import make_sequences, max_prompt_len
-from ..model.load import LoadedModel
+from .batch import Batch, Sequence
+from .cost import CURVE_POINTS, PassCost
+from .scheduler import Plan, RowPlan, Scheduler
 
-log = logging.getLogger(__name__)
+TEXT = """The committee met on Tuesday to review the budget for the coming year. Most members agreed
+that the library needed new shelves, longer opening hours and a better heating system, but
+they disagreed about how to pay for it.
 
-PROMPT_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    total, out = 0.0, []
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
-
-def calibrate(
-    loaded: LoadedModel,
-    adaptive: AdaptiveK,
-    max_batch_size: int,
-    *,
-    banned: list[int],
-    pad_id: int,
-    repeats: int = 3,
-    prompt_len: int = 128,
-    fused: bool = False,
-    lookup: int = 0,
-    lookup_first: bool = False,
-) -> float:
-    """Fill ``adaptive``'s time table; return the seconds it took. fused, lookup, lookup_first:
-    time the fused iteration (the dummy prompt repeats itself, so lookup drafts are as long as
-    they get)."""
-    start = time.perf_counter()
-    if adaptive.k_max == 0:
-        return 0.0
-    ks = sorted({0, 1, adaptive.k_max})
-    new_tokens = (1 + repeats) * sum(max(k, lookup) + 2 for k in ks)  # an upper bound on what the rounds emit
-    prompt = _prompt_ids(loaded, prompt_len, new_tokens)
-    for size in calibration_sizes(max_batch_size):
-        batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=pad_id)
-        # no EOS and no stop strings: every row stays for every round
-        batch.add(make_sequences(loaded, [prompt] * size, new_tokens, eos=False))
-        samples: dict[int, list[float]] = {k: [] for k in ks}
-        for round_ in range(1 + repeats):  # round 0 warms each path up and is not timed
-            for k in ks:
-                t0 = time.perf_counter()
-                batch.step(loaded.require_sat(k), fused=fused, lookup=lookup if k else 0, lookup_first=lookup_first)
-                if round_:
-                    samples[k].append(time.perf_counter() - t0)
-        for k, times in samples.items():
-            adaptive.set_time(size, k, statistics.median(times))
-    elapsed = time.perf_counter() - start
-    log.info("adaptive k calibrated for batch sizes up to %d in %.1f s", max_batch_size, elapsed)
-    return elapsed
+In the end they voted to raise the annual fee by five percent and to ask the city council
+for a grant covering the rest."""
 
 
-def _prompt_ids(loaded: LoadedModel, length: int, new_tokens: int) -> list[int]:
-    """A code-like prompt of ``length`` tokens (fewer if the context is short)."""
+class _FixedWidth:
+    """A stand-in scheduler that runs every pass at one width (the row's lookup nodes, then filler)."""
+
+    def __init__(self):
+        self.width = 1
+
+    def plan(self, rows) -> Plan:
+        return Plan([RowPlan(0, min(self.width - 1, len(r.lookup.tokens)), 0) for r in rows], self.width)
+
+    def observe(self, *args) -> None:
+        pass
+
+    def forget(self, seq_id: int) -> None:
+        pass
+
+
+class Calibration:
+    """Measures the curve one pass per :meth:`step`; :attr:`done` when finished."""
+
+    def __init__(self, loaded, *, points=CURVE_POINTS, budget_s: float = 8.0, pad_id: int = 0, max_prompt: int = 160):
+        self.points = sorted({1, *points})
+        self.budget_s = budget_s
+        self.samples: dict[int, list[float]] = {n: [] for n in self.points}
+        self.fixed = _FixedWidth()
+        banned = loaded.sat.unique_ids if loaded.sat else []
+        self.batch = Batch(loaded.model, None, banned, pad_id, scheduler=self.fixed)
+        new_tokens = 4 * len(self.points) * max(self.points)  # more than any run of rounds emits
+        self.batch.add([Sequence(_prompt(loaded, new_tokens, max_prompt), new_tokens)])
+        self.queue = list(self.points)  # warm-up round
+        self.round = 0
+        self.spent = 0.0
+        self.done = False
+
+    def step(self) -> None:
+        """One measured pass."""
+        if self.done:
+            return
+        n = self.queue.pop(0)
+        self.fixed.width = n
+        start = time.perf_counter()
+        self.batch.scheduled_step([], lookup=max(self.points))
+        seconds = time.perf_counter() - start
+        self.spent += seconds
+        if self.round:
+            self.samples[n].append(seconds)
+        if not self.queue:
+            self.round += 1
+            if (self.round > 1 and self.spent >= self.budget_s) or not len(self.batch) or self.round > 8:
+                self.done = True
+            else:
+                self.queue = list(self.points)
+
+    def curve(self) -> dict[int, float]:
+        return {n: statistics.median(t) for n, t in self.samples.items() if t}
+
+
+def measure_curve(loaded, **kwargs) -> dict[int, float]:
+    """Time passes of each width on real text, within about ``budget_s`` seconds."""
+    calibration = Calibration(loaded, **kwargs)
+    while not calibration.done:
+        calibration.step()
+    return calibration.curve()
+
+
+def measured_scheduler(loaded, **kwargs) -> Scheduler:
+    """A scheduler whose cost model starts from this machine's measured curve."""
+    return Scheduler(PassCost(measure_curve(loaded, **kwargs)))
+
+
+def _prompt(loaded, new_tokens: int, max_prompt: int) -> list[int]:
+    from .generate import max_prompt_len
+
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     sat = set(loaded.sat.sat_ids) if loaded.sat else set()
-    ids = [t for t in loaded.tokenizer.encode(PROMPT_TEXT) if t < vocab and t not in sat] or [1]
+    ids = [t for t in loaded.tokenizer.encode(TEXT) if t < vocab and t not in sat] or [1]
     fit = max_prompt_len(loaded, new_tokens)
-    if fit is not None:
-        length = max(1, min(length, fit))
-    return (ids * (length // len(ids) + 1))[:length]
+    length = max_prompt if fit is None else max(1, min(max_prompt, fit))
+    return ids[:length]

@@ -5,10 +5,12 @@ draft block rides along in the verify pass instead. One pass feeds, per row, at 
 relative to ``last`` (at position L, not yet in the cache):
 
 - the root, ``last`` (depth 0);
-- the pending SAT drafts p_1..p_k, a chain under the root (depths 1..k);
-- the prompt-lookup drafts l_1..l_m (:mod:`sdsat.decode.lookup`), a second chain (depths 1..m);
-- the draft block sat_1..sat_k, a third chain under the root (depths 1..k): exactly the
-  draft pass's SATs, seeing the cache, ``last`` and the SATs before them.
+- the row's drafts, a tree under the root: its pending SAT drafts p_1..p_c (a chain) and its
+  prompt-lookup trie (:mod:`sdsat.decode.lookup`), as many of each as the scheduler chose
+  (:mod:`sdsat.decode.scheduler`);
+- the row's draft block sat_1..sat_b, a chain under the root: exactly the draft pass's SATs,
+  seeing the cache, ``last`` and the SATs before them;
+- filler nodes under the root, so that every row has the pass's width.
 
 Every node sees the committed cache and its own ancestors only (:mod:`sdsat.decode.tree`'s
 ancestor mask). A draft is accepted when it equals its parent's argmax and its parent is
@@ -18,91 +20,78 @@ argmax there: a + 1 tokens, each what plain greedy decoding gives after the ones
 so the output is exactly plain greedy. The bonus, at position L+a+1, is the next ``last``.
 
 Next drafts: the argmax e_i at sat_i guesses the token at L+1+i. The next iteration needs
-guesses for L+a+2 onwards: e_{a+1}..e_k (k-a of them; fresh when a = 0, the usual case);
-the rest of the chain is filled with a SAT id, which is never accepted. One pass per
-iteration, a + 1 tokens, against two passes and a + 2 tokens for the two-step iteration.
+guesses for L+a+2 onwards: e_{a+1}..e_b (b-a of them; all b when a = 0, the usual case).
+One pass per iteration, a + 1 tokens, against two passes and a + 2 tokens for the
+two-step iteration.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import torch
 
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
 from .row_tree import accept_rows, row_trees
-from .tree import DraftTree
 
 
-@lru_cache(maxsize=256)
-def layout(c: int, m: int, k: int) -> DraftTree:
-    """Nodes: root; SAT-draft chain (c); lookup chain (m); draft block (k)."""
-    if min(c, m, k) < 0 or c + m + k == 0:
-        raise ValueError(f"fused layout needs lengths >= 0 and some nodes, got c={c}, m={m}, k={k}")
-    parents, depths = [-1], [0]
-    for length in (c, m, k):
-        start = len(parents)
-        for d in range(1, length + 1):
-            parents.append(0 if d == 1 else start + d - 2)
-            depths.append(d)
-    n = len(parents)
-    return DraftTree(parents=tuple(parents), depths=tuple(depths), ranks=(0,) * n, spec=f"fused c={c} m={m} k={k}")
+@dataclass
+class RowNodes:
+    """One row's nodes in a fused pass, after its root ``last``."""
+
+    drafts: list[int] = field(default_factory=list)  # tokens to verify
+    parents: list[int] = field(default_factory=list)  # per draft: -1 (the root) or an earlier draft's index
+    block: int = 0  # SAT positions to run after the drafts (a chain under the root)
 
 
-def row_parents(c: int, lookup_parents: list[int], k: int) -> tuple[int, ...]:
-    """One row's node parents: root; SAT-draft chain (c); the lookup trie (lookup_parents[i]:
-    -1 under the root, else the index of its parent among the lookup nodes); draft block (k)."""
-    base = layout(c, 0, k).parents if c + k else (-1,)
-    start = 1 + c
-    trie = tuple(0 if p < 0 else start + p for p in lookup_parents)
-    block = tuple(0 if p == 0 else p + len(trie) for p in base[start:])
-    return base[:start] + trie + block
+def row_layout(row: RowNodes, width: int) -> tuple[int, ...]:
+    """Node parents for one row padded to ``width`` nodes: root, drafts, block, filler (under the root)."""
+    n = len(row.drafts)
+    if len(row.parents) != n or any(not -1 <= p < i for i, p in enumerate(row.parents)):
+        raise ValueError(f"draft parents must be -1 or an earlier draft's index, got {row.parents}")
+    if 1 + n + row.block > width:
+        raise ValueError(f"{n} drafts and a block of {row.block} do not fit a width of {width}")
+    parents = [-1] + [0 if p < 0 else 1 + p for p in row.parents]
+    parents += [0 if j == 0 else n + j for j in range(row.block)]
+    return tuple(parents + [0] * (width - len(parents)))
 
 
-def fused_step(
+def fused_pass(
     model,
     cache: SlotCache,
     last: torch.Tensor,
-    pending: torch.Tensor,
-    lookup: torch.Tensor,
-    sat_ids: torch.Tensor,
+    rows: list[RowNodes],
+    width: int,
+    sat_ids: list[int],
     banned: torch.Tensor | None,
-    filler: int | None = None,
-    lookup_parents: list[list[int]] | None = None,
-) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, list[int]]:
-    """One fused iteration. last [B], pending [B, c] (SAT drafts, SAT-id filled where none),
-    lookup [B, m] (likewise), sat_ids [k] (the draft block; empty: no block, so no next drafts).
-    lookup_parents: per row, each lookup node's parent (-1: the root; i: lookup node i, listed
-    before it), so a row's lookup drafts form a trie; None: a chain in every row.
-    With c = k = 0 this is prompt-lookup decoding, which needs no SATs. filler: the token that
-    fills the next drafts past the block's guesses (default sat_ids[0]; any banned id works).
+    filler: int,
+) -> tuple[list[list[int]], torch.Tensor, list[list[int]], list[int]]:
+    """One fused iteration over ``width`` query tokens per row. last [B]; rows[i]: row i's
+    drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a token never
+    accepted where it can be: a SAT id) pads every row to ``width``.
 
-    Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next
-    SAT drafts [B, k]; accepted drafts per row).
+    Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next SAT
+    drafts per row: the block's guesses past what was accepted; accepted drafts per row).
     """
-    batch, c = pending.shape
-    m, k = lookup.shape[1], sat_ids.numel()
-    if c + m + k == 0:
-        raise ValueError(f"fused layout needs some nodes, got c={c}, m={m}, k={k}")
-    if lookup_parents is None:
-        parents = (layout(c, m, k).parents,) * batch
-    else:
-        if len(lookup_parents) != batch or any(len(p) != m for p in lookup_parents):
-            raise ValueError(f"lookup_parents needs {m} parents for each of {batch} rows")
-        parents = tuple(row_parents(c, p, k) for p in lookup_parents)
+    if width < 2:
+        raise ValueError(f"a fused pass needs a width of at least 2, got {width}")
+    if any(r.block > len(sat_ids) for r in rows):
+        raise ValueError(f"a draft block longer than the {len(sat_ids)} SATs given")
+    parents = tuple(row_layout(r, width) for r in rows)
+    table = []
+    for r in rows:
+        nodes = r.drafts + sat_ids[: r.block]
+        table.append(nodes + [filler] * (width - 1 - len(nodes)))
     t = row_trees(parents, last.device)
-    block = sat_ids[None, :].expand(batch, -1)
-    tokens = torch.cat([last[:, None], pending, lookup, block], dim=1)  # [B, N]
-    z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, N]
+    tokens = torch.cat([last[:, None], torch.tensor(table, dtype=torch.long, device=last.device)], dim=1)  # [B, width]
+    z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, width]
     paths, emitted, bonus = accept_rows(tokens, z, t)
     cache.keep_slots(paths)  # last and the accepted drafts
     accepted = [len(p) - 1 for p in paths]
-    nxt = z[:, :0]
-    if k:
-        guesses = z[:, 1 + c + m :]  # [B, k]: e_i guesses position L+1+i
-        a = torch.tensor(accepted, device=last.device)[:, None]
-        index = a + torch.arange(k, device=last.device)[None, :]  # e_{a+1}.. for L+a+2..
-        fill = sat_ids[0] if filler is None else filler
-        nxt = torch.where(index < k, guesses.gather(1, index.clamp(max=k - 1)), fill)
+    guesses = z.tolist() if any(r.block for r in rows) else None
+    nxt = []
+    for i, (r, a) in enumerate(zip(rows, accepted)):
+        start = 1 + len(r.drafts)  # e_j, at block position j, guesses the token j + 1 past the root
+        nxt.append(guesses[i][start + a : start + r.block] if r.block else [])
     return [row[1:] for row in emitted], bonus, nxt, accepted

@@ -1,14 +1,16 @@
-"""Batch generation loops: plain greedy and SDSAT greedy, as a stream or all at once."""
+"""Batch generation loops: plain greedy, the scheduled fused decoder and the paper's two-step iteration, as a stream or all at once."""
 
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Callable, Iterator
 
 import torch
 
 from .batch import Batch, Sequence, StepEvent
-from .gate import SatGate
+from .calibrate import measured_scheduler
+from .scheduler import Scheduler
 from ..model.load import LoadedModel
 from .tree import DraftTree, as_tree
 
@@ -49,44 +51,67 @@ def max_prompt_len(loaded: LoadedModel, max_new_tokens: int) -> int | None:
     return limit - max_new_tokens - (loaded.sat.num_sat if loaded.sat else 0) - 1
 
 
+DEFAULT_LOOKUP = 16  # prompt-lookup trie nodes a row may offer per pass; the scheduler picks how many
+_schedulers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its measured scheduler
+
+
+def default_scheduler(loaded: LoadedModel) -> Scheduler:
+    """One scheduler per model, its pass costs measured on first use (a few seconds) and its
+    acceptance estimates kept across calls."""
+    scheduler = _schedulers.get(loaded.model)
+    if scheduler is None:
+        scheduler = _schedulers[loaded.model] = measured_scheduler(loaded, pad_id=_pad(loaded))
+    return scheduler
+
+
 def stream(
     loaded: LoadedModel,
     sequences: list[Sequence],
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
     tree: DraftTree | str | None = None,
-    fused: bool = False,
-    lookup: int = 0,
-    lookup_first: bool = False,
-    gate: SatGate | None = None,
+    *,
+    two_step: bool = False,
+    lookup: int | None = None,
+    scheduler: Scheduler | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
-    num_sat = 0 is plain greedy decoding; k > 0 is SDSAT with k SATs per draft.
-    tree: a draft tree (or its spec, e.g. "2,2,1,1,1") to verify instead of the chain of
-    top-1 drafts (see sdsat/decode/tree.py); None: the chain. Its depth (at most k) is the number
-    of SATs each draft pass uses.
-    fused: verify the drafts and draft the next ones in one pass (sdsat/decode/fused.py), with up to
-    ``lookup`` prompt-lookup drafts verified beside the SAT drafts (0: none); lookup_first:
-    a pass where every row has lookup drafts runs no SAT draft block. gate: a
-    :class:`sdsat.decode.gate.SatGate` that decides, where the block would run, whether it does
-    (keep one across calls: it learns from every pass).
+    The default decoder is the fused iteration (sdsat/decode/fused.py) with the drafts a
+    scheduler (sdsat/decode/scheduler.py; default: :func:`default_scheduler`) chooses per
+    row and pass: up to ``lookup`` prompt-lookup nodes (default 16 when num_sat > 0, else 0),
+    pending SAT drafts and a draft block of up to num_sat SATs (each row's
+    ``Sequence.num_sat`` caps its own). num_sat = 0 with lookup = 0 is plain greedy decoding.
+    two_step: the paper's iteration at a fixed k = num_sat (a draft pass, then a verify pass);
+    draft_override and tree (a draft tree or its spec, e.g. "2,2,1,1,1", depth <= k) apply
+    to it only.
     """
-    if lookup and not fused:
-        raise ValueError("lookup drafts need fused=True")
+    if lookup is None:
+        lookup = DEFAULT_LOOKUP if num_sat else 0
     if lookup < 0:
         raise ValueError(f"lookup must be >= 0, got {lookup}")
     sat_ids = loaded.require_sat(num_sat)
     tree = as_tree(tree)
-    if tree is not None:
-        if tree.depth > num_sat:
-            raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat >= {tree.depth}, got {num_sat}")
-        sat_ids = sat_ids[: tree.depth]
+    if tree is not None or draft_override is not None:
+        two_step = True
+    if two_step:
+        if not num_sat:
+            raise ValueError("the two-step iteration needs num_sat >= 1")
+        if tree is not None:
+            if tree.depth > num_sat:
+                raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}: it needs num_sat >= {tree.depth}, got {num_sat}")
+            sat_ids = sat_ids[: tree.depth]
+    drafting = not two_step and (num_sat or lookup)
+    if drafting and scheduler is None:
+        scheduler = default_scheduler(loaded)
     banned = loaded.sat.unique_ids if loaded.sat else []
-    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=loaded.tokenizer.pad_token_id or 0, gate=gate)
+    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=_pad(loaded), scheduler=scheduler if drafting else None)
     batch.add(sequences)
     while len(batch):
-        yield batch.step(sat_ids, draft_override, tree, fused=fused, lookup=lookup, lookup_first=lookup_first)
+        if drafting:
+            yield batch.scheduled_step(sat_ids, lookup)
+        else:
+            yield batch.step(sat_ids if two_step else [], draft_override, tree)
 
 
 def generate(
@@ -95,15 +120,19 @@ def generate(
     num_sat: int = 0,
     draft_override: Callable[[list[Sequence], torch.Tensor], torch.Tensor] | None = None,
     tree: DraftTree | str | None = None,
-    fused: bool = False,
-    lookup: int = 0,
-    lookup_first: bool = False,
-    gate: SatGate | None = None,
+    *,
+    two_step: bool = False,
+    lookup: int | None = None,
+    scheduler: Scheduler | None = None,
 ) -> list[Sequence]:
     """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
-    for _ in stream(loaded, sequences, num_sat, draft_override, tree, fused, lookup, lookup_first, gate):
+    for _ in stream(loaded, sequences, num_sat, draft_override, tree, two_step=two_step, lookup=lookup, scheduler=scheduler):
         pass
     return sequences
+
+
+def _pad(loaded: LoadedModel) -> int:
+    return getattr(loaded.tokenizer, "pad_token_id", None) or 0
 
 
 def oracle_drafts(

@@ -28,13 +28,13 @@ DEPTH_DECAY = 0.9
 
 def lookup_tree(
     history: list[int], budget: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM, matches: int = MATCHES
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int], list[float]]:
     """Up to ``budget`` trie nodes from what followed the newest ``matches`` earlier occurrences
     of each of history's newest n-grams (reference scan; :class:`LookupIndex` is the fast form).
-    Returns (tokens, parents): parents[i] is node i's parent in the list, -1 under ``last``."""
+    Returns (tokens, parents, scores): parents[i] is node i's parent in the list, -1 under ``last``."""
     size = len(history)
     if budget <= 0:
-        return [], []
+        return [], [], []
     continuations = []
     for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         tail = history[size - n :]
@@ -48,9 +48,11 @@ def lookup_tree(
     return build_trie(continuations, budget)
 
 
-def build_trie(continuations: list[tuple[int, int, list[int]]], budget: int) -> tuple[list[int], list[int]]:
+def build_trie(
+    continuations: list[tuple[int, int, list[int]]], budget: int
+) -> tuple[list[int], list[int], list[float]]:
     """The ``budget`` best nodes of the trie of these (n, rank, tokens) continuations, best
-    first (a parent always before its children). Returns (tokens, parents)."""
+    first (a parent always before its children). Returns (tokens, parents, scores)."""
     root: dict[int, list] = {}  # token -> [score, children]
     for n, rank, tokens in continuations:
         weight, level = NGRAM_WEIGHT**n / (rank + 1), root
@@ -60,6 +62,7 @@ def build_trie(continuations: list[tuple[int, int, list[int]]], budget: int) -> 
             level = node[1]
     out_tokens: list[int] = []
     parents: list[int] = []
+    scores: list[float] = []
     order = 0  # ties: first inserted first
     heap = []
     for token, (score, children) in root.items():
@@ -67,14 +70,15 @@ def build_trie(continuations: list[tuple[int, int, list[int]]], budget: int) -> 
         order += 1
     heapq.heapify(heap)
     while heap and len(out_tokens) < budget:
-        _, _, token, parent, children = heapq.heappop(heap)
+        neg, _, token, parent, children = heapq.heappop(heap)
         index = len(out_tokens)
         out_tokens.append(token)
         parents.append(parent)
+        scores.append(-neg)
         for child, (score, grand) in children.items():
             heapq.heappush(heap, (-score, order, child, index, grand))
             order += 1
-    return out_tokens, parents
+    return out_tokens, parents, scores
 
 
 class LookupIndex:
@@ -94,10 +98,10 @@ class LookupIndex:
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
 
-    def tree(self, budget: int) -> tuple[list[int], list[int]]:
-        """:func:`lookup_tree` of the sequence so far: (tokens, parents)."""
+    def tree(self, budget: int) -> tuple[list[int], list[int], list[float]]:
+        """:func:`lookup_tree` of the sequence so far: (tokens, parents, scores)."""
         if budget <= 0:
-            return [], []
+            return [], [], []
         toks = self.tokens
         continuations = [(n, rank, toks[end : end + budget]) for n, found in self._matches() for rank, end in enumerate(found)]
         return build_trie(continuations, budget)

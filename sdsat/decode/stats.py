@@ -18,7 +18,9 @@ class DecodeStats:
     forward_s: float = 0.0  # time in decode passes (shared with the batch)
     decode_s: float = 0.0  # wall time of the decode iterations
 
-    def record_drafts(self, k: int, accepted: int) -> None:
+    def record_drafts(self, k: int, accepted: int, nodes: int | None = None) -> None:
+        """A verified draft tree k deep (``nodes`` drafts in all; default k: a chain), of which
+        the first ``accepted`` offsets were accepted."""
         if len(self.drafted_per_offset) < k:
             grow = k - len(self.drafted_per_offset)
             self.drafted_per_offset += [0] * grow
@@ -27,7 +29,7 @@ class DecodeStats:
             self.drafted_per_offset[i] += 1
         for i in range(accepted):
             self.accepted_per_offset[i] += 1
-        self.drafted += k
+        self.drafted += k if nodes is None else nodes
         self.num_sat = max(self.num_sat, k)
 
     def add(self, other: "DecodeStats") -> None:

@@ -3,7 +3,8 @@
 Requests arrive through :meth:`Engine.generate` (an async iterator of :class:`Chunk`) from
 any event loop. One background thread (:mod:`sdsat.engine.loop`) owns the model: requests
 join its batches between steps and leave when finished or cancelled, greedy ones decode
-with SDSAT at an adaptive k, sampling ones with plain sampling. The engine is plain Python
+with the fused decoder, its drafts chosen per row by the scheduler, sampling ones with plain
+sampling. The engine is plain Python
 and torch; serving frameworks only wire it.
 """
 
@@ -16,6 +17,7 @@ from typing import AsyncIterator, Callable
 from .loop import ActiveRequest, DecodeLoop, Inbox
 from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
 from ..decode.generate import make_sequences
+from ..decode.scheduler import Scheduler
 from ..model.load import LoadedModel
 from ..decode.sampling import SamplingParams
 from .text_stream import TextStream
@@ -26,7 +28,8 @@ __all__ = ["Chunk", "Engine", "EngineConfig", "EngineError", "EngineOverloaded",
 class Engine:
     """Batches the requests it holds into shared draft/verify (or sampling) steps.
 
-    on_step(metrics) is called in the engine thread after every step. Call
+    on_step(metrics) is called in the engine thread after every step. scheduler: the draft
+    scheduler to use (default: one on pass costs measured at start-up, while serving). Call
     :meth:`shutdown` when done: the engine thread runs until then.
     """
 
@@ -35,6 +38,7 @@ class Engine:
         loaded: LoadedModel,
         config: EngineConfig | None = None,
         on_step: Callable[[StepMetrics], None] | None = None,
+        scheduler: Scheduler | None = None,
     ):
         self.loaded = loaded
         self.config = config or EngineConfig()
@@ -44,7 +48,7 @@ class Engine:
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self.sat_ids = set(loaded.sat.sat_ids) if loaded.sat else set()
         self._inbox = Inbox(self.config.max_queue)
-        self._loop = DecodeLoop(loaded, self.config, self.num_sat, self._inbox, on_step)
+        self._loop = DecodeLoop(loaded, self.config, self.num_sat, self._inbox, on_step, scheduler)
         self._thread = threading.Thread(target=self._loop.run, name="sdsat-engine", daemon=True)
         self._thread.start()
 
@@ -138,18 +142,14 @@ class Engine:
             "batch_size": len(loop.greedy) + len(loop.sampling),
             "greedy_batch": len(loop.greedy),
             "sampling_batch": len(loop.sampling),
-            "k": loop.k,
+            "width": loop.width,
             "num_sat": self.num_sat,
-            "adaptive": loop.adaptive is not None,
-            "fused": self.config.fused,
             "lookup": self.config.lookup,
-            "lookup_first": self.config.lookup_first,
-            "sat_gate": loop.gate.snapshot() if loop.gate is not None else None,
+            "calibration_s": loop.calibration_s,
+            "scheduler": loop.scheduler.snapshot() if loop.scheduler is not None else None,
+            "pass_cost": loop.scheduler.cost.ratios() if loop.scheduler is not None else None,
             "totals": totals,
         }
-        if loop.adaptive is not None:
-            out["acceptance_per_offset"] = loop.adaptive.acceptance()
-            out["calibration_s"] = loop.calibration_s
         return out
 
     async def shutdown(self) -> None:

@@ -3,12 +3,15 @@
 Each turn of the loop:
 1. admit queued requests while fewer than ``max_batch_size`` rows run (prefill; they join);
 2. drop rows whose request was cancelled (they leave between steps);
-3. step the greedy batch (SDSAT with an adaptive k) and the sampling batch, alternately;
+3. step the greedy batch (the fused decoder, its drafts chosen per row by the scheduler)
+   and the sampling batch, alternately;
 4. hand each row's new tokens and text to its request's asyncio queue
    (``loop.call_soon_threadsafe``: no torch work ever runs on an event loop thread).
 
-An exception in a step fails that step's requests with :class:`EngineError`; the loop
-goes on with later requests.
+Until the pass-cost curve is measured (:mod:`sdsat.decode.calibrate`, a few seconds), the
+greedy batch takes plain steps and one measuring pass runs per turn of the loop: no request
+waits behind the measurement. An exception in a step fails that step's requests with
+:class:`EngineError`; the loop goes on with later requests.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from ..decode.adaptive import AdaptiveK
 from ..decode.batch import Batch, Sequence, StepEvent
-from ..decode.calibrate import calibrate
-from ..decode.gate import SatGate
+from ..decode.calibrate import Calibration
+from ..decode.cost import PassCost
+from ..decode.scheduler import Scheduler
 from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
 from ..model.load import LoadedModel
 from ..decode.sampling import SamplingBatch, SamplingParams
@@ -150,35 +153,41 @@ class DecodeLoop:
         num_sat: int,
         inbox: Inbox,
         on_step: Callable[[StepMetrics], None] | None,
+        scheduler: Scheduler | None = None,
     ):
         self.loaded = loaded
         self.config = config
         self.inbox = inbox
         self.on_step = on_step
-        self.num_sat = num_sat  # the largest k; the adaptive choice stays within 0..num_sat
-        self.adaptive = AdaptiveK(num_sat, fused=config.fused, lookup=config.lookup) if config.adaptive else None
-        self.k = num_sat  # k of the latest greedy step
+        self.num_sat = num_sat  # SATs a row may draft with (each request's num_sat caps its own row)
+        self.sat_ids = loaded.require_sat(num_sat)
+        self.drafting = bool(num_sat or config.lookup)
         self.banned = loaded.sat.unique_ids if loaded.sat else []
         self.pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
-        self.gate = SatGate() if config.fused and config.sat_gate else None  # learns across all greedy steps
+        self.scheduler = scheduler  # None until the pass-cost curve is measured
+        self.calibration: Calibration | None = None
+        self.calibration_s: float | None = None  # seconds of measuring passes (None: not finished)
+        self.width = 1  # query tokens per row of the latest greedy pass
         self.greedy = self._new_batch(Batch)
-        self.greedy.gate = self.gate
         self.sampling = self._new_batch(SamplingBatch)
         self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
-        self.calibration_s: float | None = None  # seconds the start-up calibration took (None: not run)
 
     def _new_batch(self, kind: type[Batch]) -> Batch:
-        return kind(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id)
+        batch = kind(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id)
+        if kind is Batch:
+            batch.scheduler = self.scheduler
+        return batch
 
     def run(self) -> None:
-        self._calibrate()
         while not self.inbox.should_stop():
             try:
                 self._admit()
                 self._apply_cancels()
+                measuring = self._measure()
                 if not len(self.greedy) and not len(self.sampling):
-                    self.inbox.wake.wait()
-                    self.inbox.wake.clear()
+                    if not measuring:
+                        self.inbox.wake.wait()
+                        self.inbox.wake.clear()
                     continue
                 self._step(self.greedy)
                 self._step(self.sampling)
@@ -187,24 +196,26 @@ class DecodeLoop:
                 self._fail_rows([*self.running], exc)
         self._drain(EngineError("the engine shut down before this request finished"))
 
-    def _calibrate(self) -> None:
-        """Time plain and drafting steps per batch size before traffic; requests that arrive
-        meanwhile wait in the queue. A failure leaves adaptive k to measure online."""
-        if self.adaptive is None or not self.config.calibrate or not self.num_sat:
-            return
+    def _measure(self) -> bool:
+        """One pass of the start-up pass-cost measurement; True while it goes on. A failure
+        leaves the engine decoding plainly."""
+        if not self.drafting or self.scheduler is not None or not self.config.calibration_budget_s:
+            return False
         try:
-            self.calibration_s = calibrate(
-                self.loaded,
-                self.adaptive,
-                self.config.max_batch_size,
-                banned=self.banned,
-                pad_id=self.pad_id,
-                fused=self.config.fused,
-                lookup=self.config.lookup,
-                lookup_first=self.config.lookup_first,
-            )
+            if self.calibration is None:
+                self.calibration = Calibration(self.loaded, budget_s=self.config.calibration_budget_s, pad_id=self.pad_id)
+            self.calibration.step()
+            if not self.calibration.done:
+                return True
+            self.scheduler = Scheduler(PassCost(self.calibration.curve()))
+            self.greedy.scheduler = self.scheduler
+            self.calibration_s = self.calibration.spent
+            log.info("pass costs measured in %.1f s: %s", self.calibration_s, self.scheduler.cost.ratios())
         except Exception:
-            log.exception("adaptive k calibration failed; measuring online instead")
+            log.exception("measuring pass costs failed; decoding plainly")
+            self.drafting = False
+        self.calibration = None
+        return False
 
     # ---- joining and leaving -------------------------------------------------------------
 
@@ -253,47 +264,37 @@ class DecodeLoop:
 
     # ---- stepping -------------------------------------------------------------------------
 
-    def _choose_k(self, batch: Batch) -> int:
-        caps = [s.num_sat for s in batch.sequences if s.num_sat is not None]
-        k = self.adaptive.propose(len(batch)) if self.adaptive is not None else self.num_sat
-        return min([k, *caps])
-
     def _step(self, batch: Batch) -> None:
         if not len(batch):
             return
         greedy = not isinstance(batch, SamplingBatch)
-        k = self._choose_k(batch) if greedy else 0
-        before = {s.seq_id: s.stats.accepted for s in batch.sequences}
+        scheduled = greedy and batch.scheduler is not None and self.drafting
         size = len(batch)
         start = time.perf_counter()
         try:
-            if greedy:  # lookup drafts only beside SAT drafts: k = 0 is the plain step
-                cfg = self.config
-                sat = self.loaded.require_sat(k)
-                events = batch.step(sat, fused=cfg.fused, lookup=cfg.lookup if k else 0, lookup_first=cfg.lookup_first)
-            else:
-                events = batch.step()
+            events = batch.scheduled_step(self.sat_ids, self.config.lookup) if scheduled else batch.step()
         except Exception as exc:
-            log.exception("decode step failed (batch of %d, k=%d)", size, k)
+            log.exception("decode step failed (batch of %d)", size)
             self._fail_rows([s.seq_id for s in batch.sequences], exc)
             return
         step_s = time.perf_counter() - start
-        accepted = [e.sequence.stats.accepted - before[e.sequence.seq_id] for e in events]  # per row
+        plan = batch.last_plan if scheduled else None
+        accepted = batch.last_accepted if scheduled else [0] * size
         if greedy:
-            self.k = k
-            if self.adaptive is not None:
-                self.adaptive.observe(size, k, step_s, accepted)
+            self.width = plan.width if plan is not None else 1
         for event in events:
             self._deliver(event)
+        deepest = max(accepted, default=0)
         self._report(StepMetrics(
             batch_size=size,
-            k=k,
+            k=max((p.block for p in plan.rows), default=0) if plan is not None else 0,
             step_s=step_s,
             new_tokens=sum(len(e.new_ids) for e in events),
-            drafted=k * size,
-            accepted_per_offset=[sum(a > j for a in accepted) for j in range(k)],
+            drafted=sum(p.pending + p.lookup for p in plan.rows) if plan is not None else 0,
+            accepted_per_offset=[sum(a > j for a in accepted) for j in range(deepest)],
             queue_length=self.inbox.queued(),
             mode="greedy" if greedy else "sampling",
+            width=self.width if greedy else 1,
         ))
 
     def _report(self, metrics: StepMetrics) -> None:

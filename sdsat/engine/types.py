@@ -9,13 +9,9 @@ from dataclasses import dataclass, field
 @dataclass
 class EngineConfig:
     max_batch_size: int = 16  # rows decoding together (greedy and sampling together)
-    num_sat: int | None = None  # default k; None: the model's trained k (or all its SATs), 0 without SATs
-    adaptive: bool = True  # lower k (down to plain decoding) when that is measured to be faster
-    calibrate: bool = True  # adaptive: time plain and drafting steps per batch size before serving
-    fused: bool = True  # one pass per greedy iteration: verify and draft together (sdsat/decode/fused.py)
-    lookup: int = 10  # fused: also verify a trie of up to this many prompt-lookup drafts per row (0: none)
-    lookup_first: bool = True  # a pass where every row has lookup drafts runs no SAT draft block
-    sat_gate: bool = True  # fused: run the SAT draft block only while it measures faster than without (sdsat/decode/gate.py)
+    num_sat: int | None = None  # SATs a row may draft with; None: the model's trained k (or all its SATs), 0 without SATs
+    lookup: int = 16  # prompt-lookup trie nodes a row may offer per pass (0: none); the scheduler picks how many
+    calibration_budget_s: float = 8.0  # start-up measurement of pass costs (0: never draft)
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
 
@@ -28,8 +24,8 @@ class EngineConfig:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
         if self.lookup < 0:
             raise ValueError(f"lookup must be >= 0, got {self.lookup}")
-        if self.lookup and not self.fused:
-            raise ValueError("lookup drafts need fused=True (set lookup=0 for the two-step iteration)")
+        if self.calibration_budget_s < 0:
+            raise ValueError(f"calibration_budget_s must be >= 0, got {self.calibration_budget_s}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
@@ -67,13 +63,14 @@ class Chunk:
 @dataclass
 class StepMetrics:
     batch_size: int
-    k: int  # SATs per draft in this step (0: plain or sampling step)
+    k: int  # SAT positions of the longest draft block in this step (0: none)
     step_s: float
     new_tokens: int
-    drafted: int
-    accepted_per_offset: list[int]  # [k]: rows whose draft at offset i+1 was accepted
+    drafted: int  # draft nodes verified, all rows
+    accepted_per_offset: list[int]  # rows whose drafts were accepted to offset i+1 or beyond
     queue_length: int
     mode: str = "greedy"  # "greedy" | "sampling": which batch stepped
+    width: int = 1  # query tokens per row (1: a plain step)
 
 
 class EngineError(RuntimeError):

@@ -1,0 +1,300 @@
+"""The draft scheduler: before each pass, choose per row which drafts to verify.
+
+This is the decoder's policy; the mechanics of a pass live in :mod:`sdsat.decode.fused`.
+Each row offers three kinds of candidate nodes:
+- its *pending* SAT drafts (made by the previous pass's draft block), a chain;
+- its prompt-lookup trie (:mod:`sdsat.decode.lookup`), best-scoring nodes first;
+- *block* positions: SATs run in this pass, whose guesses are the next pass's pending drafts.
+
+A candidate's value is the tokens it is expected to add (:mod:`sdsat.decode.acceptance`): a
+pending or lookup node its probability of being right; a block position half the value of
+the draft it makes, since that draft takes a slot now and another when verified. Every list
+is non-increasing in value and parents come first, so a row's best n nodes are the first ones
+of each list. All rows of a pass are padded to one width q (query tokens per row), so once q
+is chosen every row fills it with its q - 1 best nodes. The scheduler picks the q with the
+most expected new tokens per second for the whole batch,
+
+    rate(q) = sum over rows of (1 + value of its q - 1 best nodes) / cost(rows, q),
+
+from a measured cost model (:mod:`sdsat.decode.cost`). q = 1 is a plain step, always a
+candidate; drafting must beat it by ``margin``. A row's ``block`` is capped by its request's
+num_sat; a row that takes no drafts contributes one token at any q.
+
+Exploration: lookup estimates need none (every trie is scored against the tokens that follow,
+offered or not). SAT drafts and untried widths do: now and then a pass runs every row's
+full draft block (and the next pass verifies what it made) or a width next to the best one
+(plain included), but only while the predicted extra time of all exploring passes stays under ``explore_fraction`` of the time
+decoded so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .acceptance import Acceptance, depths, node_truth
+from .cost import PassCost
+
+PENDING, LOOKUP, BLOCK = 0, 1, 2
+EXPLORE_WIDTHS = (1, 2, 4, 8, 16, 32)  # an exploring pass tries the ones next to the best width (1: plain)
+EXPLORE_WEIGHT = 0.5  # of an exploring pass's time in its shape's average
+
+
+@dataclass
+class Trie:
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1: under the root; else an earlier node
+    scores: list[float] = field(default_factory=list)  # best first
+
+
+@dataclass
+class RowCandidates:
+    pending: list[int] = field(default_factory=list)  # SAT drafts from the previous block (a chain)
+    lookup: Trie = field(default_factory=Trie)
+    block: int = 0  # SAT positions this row may run (its request's num_sat)
+    drafting: bool = True  # False: this row verifies no drafts (its request asked for plain decoding)
+
+
+@dataclass
+class RowPlan:
+    pending: int = 0  # leading pending drafts to verify
+    lookup: int = 0  # leading trie nodes to verify
+    block: int = 0  # SAT positions to run
+
+    @property
+    def nodes(self) -> int:
+        return self.pending + self.lookup + self.block
+
+
+@dataclass
+class Plan:
+    rows: list[RowPlan]
+    width: int  # query tokens per row; 1: a plain step
+    expected_tokens: float = 0.0
+    predicted_s: float = 0.0
+    explore: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.width == 1
+
+
+class _Fixed:
+    """An injected cost function (rows, q) -> seconds: no learning."""
+
+    def __init__(self, fn: Callable[[int, int], float]):
+        self.fn = fn
+
+    def predict(self, rows: int, q: int) -> float:
+        return self.fn(rows, q)
+
+    def observe(self, rows: int, q: int, seconds: float, weight: float | None = None) -> None:
+        pass
+
+
+@dataclass
+class _Watch:
+    """A trie waiting for the tokens that follow its root."""
+
+    trie: Trie
+    depth: int
+    truth: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cost: PassCost | Callable[[int, int], float],
+        *,
+        margin: float = 0.05,
+        explore_fraction: float = 0.03,
+        explore_every: int = 16,
+        max_width: int = 33,
+    ):
+        if margin < 0 or not 0 <= explore_fraction < 1 or explore_every < 1 or max_width < 1:
+            raise ValueError("scheduler needs margin >= 0, 0 <= explore_fraction < 1, explore_every >= 1, max_width >= 1")
+        self.cost = cost if hasattr(cost, "predict") else _Fixed(cost)
+        self.margin = margin
+        self.explore_fraction = explore_fraction
+        self.explore_every = explore_every
+        self.max_width = max_width
+        self.acceptance = Acceptance()
+        self.watches: dict[int, list[_Watch]] = {}  # seq_id -> tries awaiting their truth
+        self.passes = 0
+        self.total_s = 0.0  # observed seconds of all passes
+        self.explore_s = 0.0  # predicted extra seconds spent exploring
+        self.explored = 0
+        self.since_explore = 0
+        self.verify_next = False  # the last pass explored SAT drafts: verify what it made
+        self.widths: dict[int, int] = {}  # q -> passes
+
+    # ---- choosing --------------------------------------------------------------------------
+
+    def values(self, row: RowCandidates) -> list[tuple[float, int]]:
+        """(value, source) of the row's candidates, best first (within a source, in order)."""
+        if not row.drafting:
+            return []
+        with_lookup = bool(row.lookup.tokens)
+        items = []
+        for source, vals in (
+            (PENDING, [self.acceptance.sat_p(d, with_lookup) for d in range(1, len(row.pending) + 1)]),
+            (LOOKUP, [self.acceptance.lookup_p(s) for s in row.lookup.scores]),
+            (BLOCK, [0.5 * self.acceptance.sat_p(d, with_lookup) for d in range(1, row.block + 1)]),
+        ):
+            low = float("inf")
+            for v in vals:  # a node is never worth more than the ones it follows
+                low = min(low, v)
+                items.append((low, source))
+        items.sort(key=lambda item: -item[0])
+        return items
+
+    def plan(self, rows: list[RowCandidates]) -> Plan:
+        """The pass to run next for these rows."""
+        values = [self.values(r) for r in rows]
+        best = self._allocate(values, *self._best_width(values))
+        plan = best
+        if self.verify_next:
+            plan = self._verify_pending(rows, best)
+        elif self._explore_due():
+            plan = self._exploring(rows, values, best) or best
+        self.widths[plan.width] = self.widths.get(plan.width, 0) + 1
+        return plan
+
+    def _best_width(self, values: list[list[tuple[float, int]]]) -> tuple[int, float, float]:
+        """(q, expected tokens, predicted seconds) of the best width for these rows."""
+        batch = len(values)
+        prefix = []
+        for items in values:
+            sums, total = [0.0], 0.0
+            for v, _ in items:
+                total += v
+                sums.append(total)
+            prefix.append(sums)
+        top = min(self.max_width, 1 + max((len(v) for v in values), default=0))
+        best = None
+        plain_rate = None
+        for q in range(1, top + 1):
+            gain = sum(1.0 + sums[min(q - 1, len(sums) - 1)] for sums in prefix)
+            seconds = self.cost.predict(batch, q)
+            rate = gain / seconds
+            if q == 1:
+                plain_rate = rate
+            if best is None or rate > best[0]:
+                best = (rate, q, gain, seconds)
+        rate, q, gain, seconds = best
+        if q > 1 and rate < plain_rate * (1 + self.margin):
+            return 1, float(batch), self.cost.predict(batch, 1)
+        return q, gain, seconds
+
+    @staticmethod
+    def _allocate(values, width: int, gain: float, seconds: float) -> Plan:
+        plans = []
+        for items in values:
+            counts = [0, 0, 0]
+            for _, source in items[: width - 1]:
+                counts[source] += 1
+            plans.append(RowPlan(*counts))
+        return Plan(plans, width, gain, seconds)
+
+    # ---- exploring -------------------------------------------------------------------------
+
+    def _explore_due(self) -> bool:
+        self.since_explore += 1
+        return self.since_explore >= self.explore_every
+
+    def _exploring(self, rows: list[RowCandidates], values, best: Plan) -> Plan | None:
+        """Every row's full draft block (or, without SATs, another width), if the budget allows."""
+        batch = len(rows)
+        if any(r.block and r.drafting for r in rows) and not any(p.block for p in best.rows):
+            plans = [
+                RowPlan(p.pending, p.lookup, r.block if r.drafting else 0) for p, r in zip(best.rows, rows)
+            ]
+            width = min(self.max_width, 1 + max(p.nodes for p in plans))
+            plans = [RowPlan(p.pending, p.lookup, min(p.block, width - 1 - p.pending - p.lookup)) for p in plans]
+            again = True
+        else:
+            below = [w for w in EXPLORE_WIDTHS if w < best.width]
+            above = [w for w in EXPLORE_WIDTHS if best.width < w <= self.max_width]
+            others = below[-1:] + above[:1]
+            if not others:
+                return None
+            width = others[self.explored % len(others)]
+            plan = self._allocate(values, width, 0.0, 0.0)
+            plans, again = plan.rows, False
+        seconds = self.cost.predict(batch, width)
+        extra = max(0.0, seconds - best.predicted_s)
+        if self.explore_s + extra * (2 if again else 1) > self.explore_fraction * self.total_s:
+            return None  # (a draft block's drafts are verified in the next pass, which costs about as much)
+        self.explore_s += extra
+        self.explored += 1
+        self.since_explore = 0
+        self.verify_next = again
+        gain = sum(1.0 + sum(v for v, _ in items[: p.pending + p.lookup]) for items, p in zip(values, plans))
+        return Plan(plans, width, gain, seconds, explore=True)
+
+    def _verify_pending(self, rows: list[RowCandidates], best: Plan) -> Plan:
+        """The pass after an exploring draft block: verify every row's pending drafts."""
+        self.verify_next = False
+        plans = []
+        for p, r in zip(best.rows, rows):
+            pending = len(r.pending) if r.drafting else 0
+            plans.append(RowPlan(pending, p.lookup, p.block))
+        width = min(self.max_width, max(best.width, 1 + max(p.nodes for p in plans)))
+        for p in plans:  # past the width: drop lookup nodes first, then block positions
+            over = max(0, p.nodes - (width - 1))
+            p.lookup -= min(over, p.lookup)
+            over = max(0, p.nodes - (width - 1))
+            p.block -= min(over, p.block)
+            p.pending = min(p.pending, width - 1)
+        seconds = self.cost.predict(len(rows), width)
+        self.explore_s += max(0.0, seconds - best.predicted_s)
+        return Plan(plans, width, best.expected_tokens, seconds, explore=True)
+
+    # ---- learning --------------------------------------------------------------------------
+
+    def observe(self, plan: Plan, rows: list[RowCandidates], emitted: list[list[int]], seconds: float, seq_ids: list[int]) -> None:
+        """Learn from a pass: its time, and per row the tokens it emitted (accepted drafts and the bonus)."""
+        self.passes += 1
+        self.total_s += seconds
+        # an exploring pass is the rare fresh look at its shape: it counts more
+        self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
+        for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
+            trie = row.lookup
+            if rp.pending:
+                offered = node_truth(trie.tokens[: rp.lookup], trie.parents[: rp.lookup], out)
+                right = {d for d, r in zip(depths(trie.parents[: rp.lookup]), offered) if r}
+                self.acceptance.observe_sat(row.pending[: rp.pending], out, right, bool(trie.tokens))
+            if trie.tokens:
+                self.watches.setdefault(seq_id, []).append(_Watch(trie, max(depths(trie.parents))))
+            self._advance(seq_id, out)
+
+    def _advance(self, seq_id: int, tokens: list[int]) -> None:
+        watches = self.watches.get(seq_id)
+        if not watches:
+            return
+        waiting = []
+        for w in watches:
+            w.truth.extend(tokens)
+            if len(w.truth) >= w.depth:
+                self._score(w)
+            else:
+                waiting.append(w)
+        self.watches[seq_id] = waiting
+
+    def _score(self, w: _Watch) -> None:
+        self.acceptance.observe_lookup(w.trie.scores, node_truth(w.trie.tokens, w.trie.parents, w.truth))
+
+    def forget(self, seq_id: int) -> None:
+        """A row left: score what its open tries can tell."""
+        for w in self.watches.pop(seq_id, []):
+            self._score(w)
+
+    def snapshot(self) -> dict:
+        return {
+            "passes": self.passes,
+            "explored": self.explored,
+            "explore_share": self.explore_s / self.total_s if self.total_s else 0.0,
+            "widths": dict(sorted(self.widths.items())),
+            "acceptance": self.acceptance.snapshot(),
+        }
+

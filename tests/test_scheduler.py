@@ -1,0 +1,166 @@
+"""The draft scheduler with injected pass costs (no wall-clock timing): it drafts where extra
+query tokens are cheap and decodes plainly where they are dear, follows changes of cost and
+acceptance, keeps exploration within its bound, and caps each row by its own num_sat."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdsat.decode.acceptance import node_truth, score_bucket
+from sdsat.decode.batch import Batch
+from sdsat.decode.cost import PassCost, interpolate
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.decode.scheduler import RowCandidates, Scheduler, Trie
+from tests.conftest import tiny_loaded
+
+TEXT = [1, 2, 3, 4, 5, 6, 7, 8] * 1000  # what every simulated row goes on to emit
+WRONG = 99
+
+
+class Text:
+    """Simulated rows reading TEXT: each pass, a lookup trie (a chain of ``depth`` nodes) that
+    is right or wrong, and SAT drafts that are always wrong."""
+
+    def __init__(self, rows: int, depth: int = 4, block: int = 0):
+        self.at = [0] * rows
+        self.depth, self.block = depth, block
+        self.right = True
+
+    def candidates(self) -> list[RowCandidates]:
+        out = []
+        for p in self.at:
+            tokens = TEXT[p : p + self.depth] if self.right else [WRONG] * self.depth
+            trie = Trie(tokens, list(range(-1, self.depth - 1)), [1000.0 * 0.9**d for d in range(self.depth)])
+            out.append(RowCandidates([WRONG] * self.block, trie, self.block))
+        return out
+
+    def run(self, scheduler: Scheduler, cost, passes: int) -> list[int]:
+        """Decode ``passes`` passes; returns each pass's width."""
+        widths = []
+        for _ in range(passes):
+            rows = self.candidates()
+            plan = scheduler.plan(rows)
+            emitted = []
+            for i, (row, rp) in enumerate(zip(rows, plan.rows)):
+                right = node_truth(row.lookup.tokens[: rp.lookup], row.lookup.parents[: rp.lookup], TEXT[self.at[i] :][:16])
+                a = sum(bool(r) for r in right)
+                emitted.append(TEXT[self.at[i] : self.at[i] + a + 1])
+                self.at[i] += a + 1
+            scheduler.observe(plan, rows, emitted, cost(len(rows), plan.width), list(range(len(rows))))
+            widths.append(plan.width)
+        return widths
+
+
+DEAR = lambda rows, q: float(rows * q)  # noqa: E731  (every query token costs a whole pass)
+CHEAP = lambda rows, q: 1.0 + 0.01 * rows * q  # noqa: E731
+
+
+def test_plain_when_extra_tokens_are_dear_drafts_when_cheap():
+    rows = Text(2).candidates()
+    assert Scheduler(DEAR).plan(rows).plain
+    plan = Scheduler(CHEAP).plan(rows)
+    assert plan.width == 5 and [(p.pending, p.lookup, p.block) for p in plan.rows] == [(0, 4, 0)] * 2
+    # in between: drafting must beat the plain step by the margin
+    near = lambda rows, q: 1.0 + 0.5 * (q - 1)  # noqa: E731  (prior acceptance 0.5: exactly plain's rate)
+    assert Scheduler(near, margin=0.05).plan(rows).plain
+
+
+def test_it_follows_a_change_of_costs():
+    cost = {"now": CHEAP}
+    scheduler = Scheduler(lambda rows, q: cost["now"](rows, q))
+    text = Text(4)
+    assert text.run(scheduler, CHEAP, 20).count(1) <= 2  # but an exploring pass or two
+    cost["now"] = DEAR
+    assert text.run(scheduler, DEAR, 20).count(1) >= 18
+    cost["now"] = CHEAP
+    assert text.run(scheduler, CHEAP, 20).count(1) <= 2
+
+
+def test_a_measured_cost_model_learns_the_real_costs_both_ways():
+    """Start-up measured wide passes as cheap; they turn out dear: plain. Then they are cheap
+    again: exploring passes notice it, and drafting comes back."""
+    scheduler = Scheduler(PassCost({1: 1.0, 2: 1.01, 4: 1.02, 8: 1.04, 16: 1.08, 32: 1.16}))
+    text = Text(2)
+    assert text.run(scheduler, CHEAP, 50)[-1] > 1
+    widths = text.run(scheduler, DEAR, 400)
+    assert widths[-50:].count(1) >= 45  # plain but for exploring passes
+    widths = text.run(scheduler, CHEAP, 3000)
+    assert widths[-50:].count(1) <= 5
+
+
+def test_it_follows_a_change_of_acceptance():
+    scheduler = Scheduler(lambda rows, q: 1.0 + 0.3 * (q - 1))
+    text = Text(2)
+    assert text.run(scheduler, CHEAP, 30).count(1) <= 2  # right drafts: drafting
+    text.right = False
+    widths = text.run(scheduler, CHEAP, 1000)
+    assert widths[-100:].count(1) >= 90  # wrong drafts: plain (lookup is judged on every trie, offered or not)
+    text.right = True
+    widths = text.run(scheduler, CHEAP, 1000)
+    assert widths[-100:].count(1) <= 10
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_exploration_stays_within_its_bound(block):
+    """Plain is best (dear passes, wrong drafts); exploring passes (wider widths, or the SAT
+    block and the pass that verifies it) cost at most explore_fraction of the time."""
+    scheduler = Scheduler(DEAR, explore_fraction=0.03, explore_every=4)
+    text = Text(3, block=block)
+    text.right = False
+    widths = text.run(scheduler, DEAR, 3000)
+    assert scheduler.explored > 10
+    assert scheduler.explore_s <= 0.03 * scheduler.total_s
+    spent = sum(DEAR(3, w) - DEAR(3, 1) for w in widths)
+    assert spent <= 0.03 * scheduler.total_s + 1e-9  # measured from the passes themselves too
+    assert widths.count(1) > 0.9 * len(widths)
+
+
+def test_sat_estimates_count_what_lookup_did_not_already_get():
+    scheduler = Scheduler(CHEAP)
+    acc = scheduler.acceptance
+    # SAT chain right at depths 1-2; a lookup node right at depth 1: only depth 2 counts as SAT gain
+    acc.observe_sat([1, 2, 9], [1, 2, 3], {1}, True)
+    assert acc.sat.hits[(1, True)] < acc.sat.hits[(2, True)]
+    assert acc.sat_p(3, True) < acc.sat_p(2, True)
+
+
+def test_node_truth_and_score_buckets():
+    # a trie: 1 -> 2 -> 3, and 1 -> 4; truth 1 2 (then unknown)
+    assert node_truth([1, 2, 3, 4], [-1, 0, 1, 0], [1, 2]) == [True, True, None, False]
+    assert node_truth([5, 2], [-1, 0], [1, 2, 3]) == [False, False]
+    assert score_bucket(0.5) < score_bucket(10) < score_bucket(1000)
+
+
+def test_cost_curve_interpolates_and_extrapolates_without_falling():
+    points = {1: 1.0, 2: 2.0, 4: 3.0}
+    assert interpolate(points, 3) == 2.5 and interpolate(points, 8) == 5.0 and interpolate(points, 0.5) == 1.0
+    assert interpolate({1: 1.0, 2: 0.9}, 10) == 0.9
+    cost = PassCost({1: 0.01, 4: 0.02})
+    assert cost.predict(2, 2) == pytest.approx(0.02)  # 4 query tokens in all
+    cost.observe(2, 2, 0.04)
+    assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(2 * cost.prior(2, 1))  # scaled like its neighbour
+    with pytest.raises(ValueError, match="positive time at 1 query token"):
+        PassCost({2: 0.1})
+
+
+def test_a_rows_num_sat_caps_that_row_only():
+    """num_sat = 0: the row verifies nothing; num_sat = 1: block and drafts one deep; the
+    others draft up to the batch's k. Outputs stay plain greedy."""
+    loaded = tiny_loaded("llama", k=4)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 9, 10, 11], [12, 13, 14, 12, 13]]
+    plain = generate(loaded, make_sequences(loaded, prompts, 24, eos=False), 0)
+    seqs = make_sequences(loaded, prompts, 24, eos=False)
+    seqs[0].num_sat, seqs[2].num_sat = 0, 1
+    batch = Batch(loaded.model, banned_ids=loaded.sat.unique_ids, scheduler=Scheduler(lambda rows, q: 1.0))
+    batch.add(seqs)
+    plans = []
+    while len(batch):
+        rows = len(batch)
+        batch.scheduled_step(loaded.sat.ids_for(4), lookup=8)
+        if rows == 3:
+            plans.append(batch.last_plan)
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in plain]
+    assert all(p.rows[0].nodes == 0 for p in plans)
+    assert all(p.rows[2].block <= 1 and p.rows[2].pending <= 1 for p in plans)
+    assert max(p.rows[1].block for p in plans) == 4
+    assert seqs[0].stats.drafted == 0 and seqs[1].stats.drafted > 0 and seqs[2].stats.drafted > 0
