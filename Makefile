@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -q
 
 bench: $(STAMP)
-	$(BIN)/python jobs/bench.py --prompts humaneval:20 --num-sat 5 --dtype bfloat16 --max-new-tokens 128 --json results/bench.json
+	$(BIN)/python jobs/bench.py --prompts mixed --num-sat 5 --dtype bfloat16 --max-new-tokens 128 --json results/bench.json
 
 clean:
 	rm -rf $(VENV)

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default', a checkpoint or artifact directory, or a Hugging Face id")
     p.add_argument("--num-sat", type=int, default=5, help="k: SATs (drafts) per iteration")
-    p.add_argument("--prompts", default="humaneval:20", help="a JSONL file of {\"prompt\": ...}, or humaneval[:N]")
+    p.add_argument("--prompts", default="mixed", help="mixed[:N] (code, edits, shell, SQL, prose, chat), humaneval[:N], or a JSONL file of {\"prompt\": ...}")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 (float16 on GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

