@@ -23,8 +23,9 @@ def tiny(request):
 
 
 def run(loaded, prompts, k, override=None):
+    """The paper's two-step iteration at k (plain greedy at 0)."""
     seqs = make_sequences(loaded, prompts, NEW_TOKENS, eos=False)
-    return generate(loaded, seqs, k, override(seqs) if override else None)
+    return generate(loaded, seqs, k, override(seqs) if override else None, two_step=k > 0)
 
 
 def test_plain_greedy_matches_transformers_generate(tiny):
@@ -117,7 +118,7 @@ def test_stops_per_row_on_eos_and_max_new_tokens(tiny):
     seqs = make_sequences(loaded, RAGGED[:2], NEW_TOKENS, eos=False)
     seqs[0].eos_token_ids = frozenset({eos})
     seqs[1].max_new_tokens = 7
-    generate(loaded, seqs, 4)
+    generate(loaded, seqs, 4, two_step=True)
     first = refs[0].index(eos)
     assert seqs[0].output_ids == refs[0][: first + 1]
     assert seqs[0].finish_reason == "stop"
@@ -132,7 +133,7 @@ def test_stop_string_cuts_text_and_tokens(tiny):
     at = next(i for i in range(10, len(full) - 2) if full.find(full[i : i + 2]) == i)
     stop = full[at : at + 2]
     seqs = make_sequences(loaded, RAGGED[:1], NEW_TOKENS, stop=(stop,), eos=False)
-    generate(loaded, seqs, 5)
+    generate(loaded, seqs, 5, two_step=True)
     seq = seqs[0]
     assert seq.finish_reason == "stop"
     assert seq.text(tok) == full[:at]
