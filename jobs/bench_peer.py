@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import time
 
 import torch
 
 from jobs.prompts import load_prompts
-from jobs.report import write_json
+from jobs.report import machine_info, write_json
 from sdsat.model.load import load_model
 
 log = logging.getLogger("bench_peer")
@@ -27,7 +26,7 @@ log = logging.getLogger("bench_peer")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default-base", help="a model load_model takes (default: the bare default model)")
-    p.add_argument("--prompts", default="humaneval:20", help="a JSONL file of {\"prompt\": ...}, or humaneval[:N]")
+    p.add_argument("--prompts", default="mixed", help="as jobs/bench.py: mixed[:N], humaneval[:N], or a JSONL file")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-lookup", type=int, default=5, help="prompt_lookup_num_tokens")
@@ -70,7 +69,7 @@ def main(argv=None) -> dict:
     result = {
         "model": args.model,
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine_info(),
         "torch": torch.__version__,
         "prompts": args.prompts,
         "num_prompts": len(prompts),
@@ -83,7 +82,7 @@ def main(argv=None) -> dict:
     }
     print(f"\ntransformers plain {result['plain_tokens_per_s']:.2f} tok/s, prompt lookup "
           f"{result['prompt_lookup_tokens_per_s']:.2f} tok/s: {result['speedup']:.2f}x "
-          f"({identical}/{len(prompts)} outputs identical; {result['dtype']}, {result['machine']})")
+          f"({identical}/{len(prompts)} outputs identical; {result['dtype']}, {result['machine']['cpu']} {result['machine']['cpu_flags']})")
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
