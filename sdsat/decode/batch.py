@@ -17,6 +17,7 @@ from .acceptance import depths
 from .decoding import plain_step, prefill, sdsat_step
 from .fused import RowNodes, fused_pass
 from .kv_cache import SlotCache
+from .logprobs import LogprobTap, TokenLogprob, prompt_tap
 from .lookup import LookupIndex
 from .scheduler import Plan, RowCandidates, RowPlan, Scheduler, Trie
 from .stats import DecodeStats
@@ -38,6 +39,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled", "error"
     stop_text_at: int | None = None  # where the matched stop string starts in the decoded text
     stats: DecodeStats = field(default_factory=DecodeStats)
+    logprobs: int | None = None  # N: record each output token's log-probability and top N (None: don't)
+    prompt_logprobs: int | None = None  # N: the same for the prompt's tokens, at prefill
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token
+    prompt_token_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (first: None)
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):
@@ -132,7 +137,8 @@ class Batch:
             return
         cache = SlotCache.for_model(self.model, len(sequences))
         start = time.perf_counter()
-        last = prefill(self.model, cache, [s.prompt_ids for s in sequences], self.pad_id)
+        on_hidden = prompt_tap(self.model, sequences, self.banned)  # None unless a row asked for prompt logprobs
+        last = prefill(self.model, cache, [s.prompt_ids for s in sequences], self.pad_id, on_hidden)
         elapsed = time.perf_counter() - start
         for seq in sequences:
             seq.stats.prefill_s += elapsed
@@ -157,22 +163,25 @@ class Batch:
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
         self.pending = {}
+        tap = LogprobTap.for_rows(self.sequences, self.banned)  # None unless a row asked for logprobs
         if k == 0:
-            emitted = self._plain()
+            emitted = self._plain(tap)
         else:
             override = None
             if draft_override is not None:
                 override = lambda drafts: draft_override(self.sequences, drafts)  # noqa: E731
             sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
             if tree is None:
-                emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override)
+                emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override, tap)
             else:
+                if tap is not None:
+                    raise ValueError("log-probabilities are not recorded by tree steps")
                 first = None
                 if override is not None:
                     first = lambda cands: with_first_candidates(cands, override(cands[:, :, 0]))  # noqa: E731
                 emitted, self.last, _ = sdsat_tree_step(self.model, self.cache, self.last, sat, self.banned, tree, first)
         drafts = [(k, len(tokens) - 2, k) if k else None for tokens in emitted]
-        return self._finish(emitted, drafts, 2 if k else 1, start, forward_before)
+        return self._finish(emitted, drafts, 2 if k else 1, start, forward_before, tap)
 
     @torch.inference_mode()
     def scheduled_step(self, sat_ids: list[int], lookup: int) -> list[StepEvent]:
@@ -188,14 +197,15 @@ class Batch:
         rows = [self._candidates(seq, sat_ids, lookup) for seq in self.sequences]
         plan = self.scheduler.plan(rows)
         accepted = [0] * len(rows)
+        tap = LogprobTap.for_rows(self.sequences, self.banned)
         if plan.plain:
-            emitted = self._plain()
+            emitted = self._plain(tap)
             self.pending = {}
             drafts = [None] * len(rows)
         else:
             nodes = [_nodes(row, p) for row, p in zip(rows, plan.rows)]
             emitted, self.last, nxt, accepted = fused_pass(
-                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler
+                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler, tap
             )
             self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
             drafts = [
@@ -203,7 +213,7 @@ class Batch:
             ]
         self.scheduler.observe(plan, rows, emitted, time.perf_counter() - start, [s.seq_id for s in self.sequences])
         self.last_plan, self.last_accepted = plan, accepted
-        return self._finish(emitted, drafts, 1, start, forward_before)
+        return self._finish(emitted, drafts, 1, start, forward_before, tap)
 
     def _candidates(self, seq: Sequence, sat_ids: list[int], lookup: int) -> RowCandidates:
         cap = len(sat_ids) if seq.num_sat is None else min(seq.num_sat, len(sat_ids))
@@ -215,12 +225,12 @@ class Batch:
         trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
         return RowCandidates(self.pending.get(seq.seq_id, [])[: min(cap, room)], trie, min(cap, room))
 
-    def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float) -> list[StepEvent]:
-        """Stats and stopping rules for a step's emitted tokens; finished rows leave."""
+    def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float, tap: LogprobTap | None = None) -> list[StepEvent]:
+        """Stats, logprobs and stopping rules for a step's emitted tokens; finished rows leave."""
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
         events = []
-        for seq, tokens, offered in zip(self.sequences, emitted, drafts):
+        for row, (seq, tokens, offered) in enumerate(zip(self.sequences, emitted, drafts)):
             stats = seq.stats
             stats.iterations += 1
             stats.forward_passes += passes
@@ -229,6 +239,8 @@ class Batch:
             if offered is not None:
                 stats.record_drafts(*offered)
             kept = seq.append(tokens, self.tokenizer)
+            if tap is not None:
+                seq.token_logprobs += tap.take(row, len(kept))
             stats.new_tokens += len(kept)
             events.append(StepEvent(seq, kept))
         self._drop(lambda s: s.finished)
@@ -257,9 +269,9 @@ class Batch:
         self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
         self.pending = {i: drafts for i, drafts in self.pending.items() if i in kept}
 
-    def _plain(self) -> list[list[int]]:
+    def _plain(self, tap: LogprobTap | None = None) -> list[list[int]]:
         """One plain greedy step for every row; returns the token each row emitted."""
-        self.last = plain_step(self.model, self.cache, self.last, self.banned)
+        self.last = plain_step(self.model, self.cache, self.last, self.banned, tap)
         return [[t] for t in self.last.tolist()]
 
     def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int], list[float]]:

@@ -60,11 +60,12 @@ def greedy(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int, on_hidden=None) -> torch.Tensor:
     """Write every prompt but its last token into the cache; return ``last`` [B].
 
     Prompts of different lengths are right-padded: the pads sit beyond each row's length,
-    so no real token sees them and the next pass overwrites them.
+    so no real token sees them and the next pass overwrites them. on_hidden(hidden [B, W, H]):
+    called with the pass's last hidden states (for prompt log-probabilities).
     """
     device = cache.device
     body = [p[:-1] for p in prompts]
@@ -73,42 +74,59 @@ def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int) -> t
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
         for row, tokens in enumerate(body):
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        forward_hidden_only(model, cache, ids)
+        hidden = forward_hidden_only(model, cache, ids)
+        if on_hidden is not None:
+            on_hidden(hidden)
         cache.advance([len(b) for b in body])
     return torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
 
 
-def forward_hidden_only(model, cache: SlotCache, input_ids: torch.Tensor) -> None:
-    """A pass that only fills the cache: skips the LM head (prefill needs no logits)."""
-    _timed(model.get_decoder(), cache, input_ids)
+def forward_hidden_only(model, cache: SlotCache, input_ids: torch.Tensor) -> torch.Tensor:
+    """A pass that fills the cache and skips the LM head (prefill needs no logits); returns
+    the last hidden states [B, q, H]."""
+    return _timed(model.get_decoder(), cache, input_ids).last_hidden_state
 
 
-def plain_step(model, cache: SlotCache, last: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
-    """One plain greedy step: commit ``last``, return the next token per row [B]."""
+def plain_step(model, cache: SlotCache, last: torch.Tensor, banned: torch.Tensor | None, on_logits=None) -> torch.Tensor:
+    """One plain greedy step: commit ``last``, return the next token per row [B].
+
+    on_logits(logits, nodes, tokens): a :class:`sdsat.decode.logprobs.LogprobTap` (or None).
+    """
     logits = forward(model, cache, last[:, None])  # [B, 1, V]
     cache.advance(1)
-    return greedy(logits[:, 0], banned)
+    tokens = greedy(logits[:, 0], banned)
+    if on_logits is not None:
+        on_logits(logits, [[0]] * len(tokens), tokens[:, None].tolist())
+    return tokens
 
 
 def draft(
-    model, cache: SlotCache, last: torch.Tensor, sat_ids: torch.Tensor, banned: torch.Tensor | None
+    model, cache: SlotCache, last: torch.Tensor, sat_ids: torch.Tensor, banned: torch.Tensor | None, on_logits=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draft pass. last [B], sat_ids [k] -> (y0 [B], drafts [B, k]); commits ``last`` only."""
+    """Draft pass. last [B], sat_ids [k] -> (y0 [B], drafts [B, k]); commits ``last`` only.
+    on_logits: given the logits that decided y0 (see :func:`plain_step`)."""
     batch = last.shape[0]
     input_ids = torch.cat([last[:, None], sat_ids[None, :].expand(batch, -1)], dim=1)  # [B, k+1]
-    tokens = greedy(forward(model, cache, input_ids), banned)  # [B, k+1]
+    logits = forward(model, cache, input_ids)  # [B, k+1, V]
+    tokens = greedy(logits, banned)  # [B, k+1]
     cache.advance(1)  # keep `last`; the SAT keys beyond it are dropped
+    if on_logits is not None:
+        on_logits(logits, [[0]] * batch, tokens[:, :1].tolist())
     return tokens[:, 0], tokens[:, 1:]
 
 
 def verify(
-    model, cache: SlotCache, y0: torch.Tensor, drafts: torch.Tensor, banned: torch.Tensor | None
+    model, cache: SlotCache, y0: torch.Tensor, drafts: torch.Tensor, banned: torch.Tensor | None, keep: list | None = None
 ) -> torch.Tensor:
     """Verify pass: feed [y0, d_1..d_k] ([B, k+1]); return the model's argmaxes z [B, k+1].
 
-    Commits nothing: the caller keeps 1 + accepted tokens per row.
+    Commits nothing: the caller keeps 1 + accepted tokens per row. keep: a list the pass's
+    logits [B, k+1, V] are appended to (for log-probabilities).
     """
-    return greedy(forward(model, cache, torch.cat([y0[:, None], drafts], dim=1)), banned)
+    logits = forward(model, cache, torch.cat([y0[:, None], drafts], dim=1))
+    if keep is not None:
+        keep.append(logits)
+    return greedy(logits, banned)
 
 
 def accepted_lengths(drafts: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -138,16 +156,21 @@ def sdsat_step(
     sat_ids: torch.Tensor,
     banned: torch.Tensor | None,
     draft_override=None,
+    on_logits=None,
 ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     """One draft-then-verify iteration.
 
     Returns (emitted tokens per row: y0, d_1..d_a, bonus; new ``last`` [B]; drafts [B, k]).
     draft_override(drafts) -> drafts replaces the SAT drafts (oracle/garbage benchmarks).
+    on_logits: given the logits that decided each emitted token (see :func:`plain_step`).
     """
-    y0, drafts = draft(model, cache, last, sat_ids, banned)
+    y0, drafts = draft(model, cache, last, sat_ids, banned, on_logits)
     if draft_override is not None:
         drafts = draft_override(drafts)
-    z = verify(model, cache, y0, drafts, banned)  # [B, k+1]
+    kept = [] if on_logits is not None else None
+    z = verify(model, cache, y0, drafts, banned, kept)  # [B, k+1]
     emitted, bonus = accept(y0, drafts, z)
+    if on_logits is not None:  # z_0..z_a, decided at verify positions 0..a
+        on_logits(kept[0], [list(range(len(e) - 1)) for e in emitted], [e[1:] for e in emitted])
     cache.advance([len(tokens) - 1 for tokens in emitted])  # y0 and the accepted drafts
     return emitted, bonus, drafts

@@ -66,10 +66,13 @@ def fused_pass(
     sat_ids: list[int],
     banned: torch.Tensor | None,
     filler: int,
+    on_logits=None,
 ) -> tuple[list[list[int]], torch.Tensor, list[list[int]], list[int]]:
     """One fused iteration over ``width`` query tokens per row. last [B]; rows[i]: row i's
     drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a token never
-    accepted where it can be: a SAT id) pads every row to ``width``.
+    accepted where it can be: a SAT id) pads every row to ``width``. on_logits(logits, nodes,
+    tokens): given the pass's logits and, per row, the accepted path's nodes, whose argmaxes
+    are the emitted tokens (:class:`sdsat.decode.logprobs.LogprobTap`).
 
     Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next SAT
     drafts per row: the block's guesses past what was accepted; accepted drafts per row).
@@ -85,8 +88,11 @@ def fused_pass(
         table.append(nodes + [filler] * (width - 1 - len(nodes)))
     t = row_trees(parents, last.device)
     tokens = torch.cat([last[:, None], torch.tensor(table, dtype=torch.long, device=last.device)], dim=1)  # [B, width]
-    z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, width]
+    logits = forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths)  # [B, width, V]
+    z = greedy(logits, banned)  # [B, width]
     paths, emitted, bonus = accept_rows(tokens, z, t)
+    if on_logits is not None:
+        on_logits(logits, paths, [row[1:] for row in emitted])
     cache.keep_slots(paths)  # last and the accepted drafts
     accepted = [len(p) - 1 for p in paths]
     guesses = z.tolist() if any(r.block for r in rows) else None

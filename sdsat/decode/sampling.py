@@ -15,6 +15,7 @@ import torch
 
 from .batch import Batch, Sequence, StepEvent
 from .decoding import forward
+from .logprobs import LogprobTap
 
 
 @dataclass
@@ -94,16 +95,21 @@ class SamplingBatch(Batch):
         logits = forward(self.model, self.cache, self.last[:, None])  # [B, 1, V]
         self.cache.advance(1)
         self.last = sample(logits[:, 0], temperature, top_p, [g for _, g in samplers], self.banned)  # [B]
+        tap = LogprobTap.for_rows(self.sequences, self.banned)  # the model's own log-probabilities
+        if tap is not None:
+            tap(logits, [[0]] * len(self.sequences), self.last[:, None].tolist())
         forward_s = self.cache.forward_seconds - forward_before
         wall_s = time.perf_counter() - start
         events = []
-        for seq, token in zip(self.sequences, self.last.tolist()):
+        for row, (seq, token) in enumerate(zip(self.sequences, self.last.tolist())):
             stats = seq.stats
             stats.iterations += 1
             stats.forward_passes += 1
             stats.forward_s += forward_s
             stats.decode_s += wall_s
             kept = seq.append([token], self.tokenizer)
+            if tap is not None:
+                seq.token_logprobs += tap.take(row, len(kept))
             stats.new_tokens += len(kept)
             events.append(StepEvent(seq, kept))
         self._drop(lambda s: s.finished)

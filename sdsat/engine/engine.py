@@ -15,7 +15,7 @@ import threading
 from typing import AsyncIterator, Callable
 
 from .loop import ActiveRequest, DecodeLoop, Inbox
-from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
+from .types import MAX_LOGPROBS, Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
 from ..decode.generate import make_sequences
 from ..decode.scheduler import Scheduler
 from ..model.load import LoadedModel
@@ -90,6 +90,10 @@ class Engine:
             raise ValueError(f"seed must be an integer, got {request.seed!r}")
         if any(not isinstance(s, str) or not s for s in request.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {request.stop!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(request, name)
+            if n is not None and (not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in 0..{MAX_LOGPROBS} or None, got {n!r}")
 
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         """Validate, queue and stream one request. Leaving the iteration early (aclose, a
@@ -115,6 +119,7 @@ class Engine:
             sampling = SamplingParams(request.temperature, request.top_p, request.seed)
         seq = make_sequences(self.loaded, [list(request.prompt_ids)], request.max_new_tokens, stop=request.stop)[0]
         seq.num_sat = request.num_sat
+        seq.logprobs, seq.prompt_logprobs = request.logprobs, request.prompt_logprobs
         active = ActiveRequest(request.request_id, seq, sampling, loop, asyncio.Queue(), TextStream(self.loaded.tokenizer))
         self._inbox.submit(active)
         return active
@@ -155,5 +160,11 @@ class Engine:
 
     async def shutdown(self) -> None:
         """Stop the decode loop; requests still queued or running fail with EngineError."""
+        await asyncio.to_thread(self.stop)
+
+    def stop(self, timeout_s: float | None = None) -> bool:
+        """:meth:`shutdown` for callers without an event loop: waits (up to timeout_s) for the
+        engine thread, which ends after its current step. True once it has ended."""
         self._inbox.stop()
-        await asyncio.to_thread(self._thread.join)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()

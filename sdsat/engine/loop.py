@@ -333,6 +333,7 @@ class DecodeLoop:
     @staticmethod
     def _chunk(active: ActiveRequest, token_ids: list[int], text: str) -> Chunk:
         seq = active.sequence
+        end = len(seq.output_ids)  # this chunk's tokens are the output's last ones
         return Chunk(
             token_ids=list(token_ids),
             text=text,
@@ -340,6 +341,8 @@ class DecodeLoop:
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids),
             stats={**seq.stats.to_dict(), "mode": active.mode} if seq.finished else None,
+            logprobs=None if seq.logprobs is None else seq.token_logprobs[end - len(token_ids) : end],
+            prompt_logprobs=seq.prompt_token_logprobs if end == len(token_ids) else None,  # the first chunk
         )
 
     # ---- failing ----------------------------------------------------------------------

@@ -5,6 +5,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from ..decode.logprobs import TokenLogprob
+
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for
+
 
 @dataclass
 class EngineConfig:
@@ -39,6 +43,8 @@ class Request:
     temperature: float = 0.0  # 0: greedy (SDSAT); > 0: sampling
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None  # N: each output token's log-probability and the top N (None: not asked)
+    prompt_logprobs: int | None = None  # N: the same for the prompt's tokens, from the prefill
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
@@ -58,6 +64,8 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # running count
     stats: dict | None = None  # last chunk: DecodeStats.to_dict() + {"mode": "sdsat" | "plain" | "sampling"}
+    logprobs: list[TokenLogprob] | None = None  # Request.logprobs: one per token in token_ids
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # Request.prompt_logprobs: on the first chunk
 
 
 @dataclass
