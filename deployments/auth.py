@@ -1,4 +1,4 @@
-"""Optional API key: with one configured, every route but /health needs ``Authorization: Bearer <key>``.
+"""Optional API key: with one configured, every route but ``GET /health`` needs ``Authorization: Bearer <key>``.
 
 The key lives in this module (one Router replica per process): Serve ships the ingress app to
 replicas as a copy, so per-app state cannot be kept on ``app.state`` from the Router's __init__.
@@ -20,9 +20,20 @@ def configure(api_key: str | None) -> None:
     _api_key = api_key or None
 
 
+HEALTH = "/health"  # the one route that needs no key (load balancers and probes call it)
+
+
+def exempt(request: Request) -> bool:
+    """Exactly the health route, below the app's route prefix (Serve's ``root_path``)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return request.method in ("GET", "HEAD") and path == HEALTH
+
+
 async def authenticate(request: Request, call_next):
     """HTTP middleware: checks the key before the body is even read."""
-    if _api_key and not request.url.path.endswith("/health"):
+    if _api_key and not exempt(request):
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), _api_key.encode()):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ray.serve")
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -85,5 +89,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         message = f"internal error while handling {request.method} {request.url.path}: {type(exc).__name__}"
         return APIError(500, message, None, "internal_error").response()

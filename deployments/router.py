@@ -3,7 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
 Bodies are validated here (pydantic, OpenAI error shapes); prompts are tokenized and checked
 against the model by the model replica, whose first streamed item says whether it took the
-request. Streaming answers are server-sent events ending with ``data: [DONE]``.
+request. A request with several prompts or ``n`` > 1 becomes one replica call per choice, made
+together (choice index = prompt index x n + sample index). Streaming answers are server-sent
+events ending with ``data: [DONE]``. Fields the server does not implement: :mod:`deployments.fields`.
 """
 
 import asyncio
@@ -16,10 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import auth, errors, stream
+from deployments import auth, errors, fields, stream
 from deployments.errors import APIError
+from deployments.responses import Collected, Formatter
 from deployments.schemas import ChatCompletionRequest, CompletionRequest, GenerationParams, ModelCard, ModelList
-from deployments.stream import Collected, Formatter
 
 log = logging.getLogger("ray.serve")
 
@@ -36,6 +38,36 @@ class RouterSettings:
     # A request whose replica dies before anything reached the client is sent again, this many
     # times, after 0.5 s, 1 s, 2 s...: a whole non-streamed request, or a streamed one before its first item.
     replica_retries: int = 3
+
+
+# The router's helpers come before its class: Serve serializes the ingress class as it is decorated.
+def _choice_params(body: GenerationParams, prompt: dict, request_id: str, sample: int) -> dict:
+    """Engine parameters of one choice: sample i of n samples with seed + i."""
+    params = {**prompt, **body.engine_params(), "request_id": request_id}
+    if body.seed is not None:
+        params["seed"] = body.seed + sample
+    return params
+
+
+async def _all_or_none(calls: list, cleanup=None) -> list:
+    """Run the calls together; if one fails, cancel the rest (and clean up the finished ones
+    with ``cleanup``), then raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+        if failed is None:
+            return [t.result() for t in tasks]
+        raise failed.exception()
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if cleanup is not None:
+            for task in tasks:
+                if not task.cancelled() and task.exception() is None:
+                    cleanup(task.result())
+        raise
 
 
 @serve.deployment(name="Router")
@@ -76,33 +108,45 @@ class Router:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
-        return await self._serve(body, {"prompt": body.prompt}, Formatter("completion", body, f"cmpl-{uuid.uuid4().hex}"))
+        body.check()
+        fields.check(body, best_of_ok=body.n)
+        prompts = [{"prompt": p} for p in body.prompts()]
+        fmt = Formatter("completion", body, f"cmpl-{uuid.uuid4().hex}", len(prompts) * body.n)
+        return await self._serve(body, prompts, fmt)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
-        messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
-        fmt = Formatter("chat", body, f"chatcmpl-{uuid.uuid4().hex}")
-        return await self._serve(body, {"messages": messages}, fmt)
+        body.check()
+        fields.check(body)
+        messages = [m.model_dump(include={"role", "content"}) for m in body.messages]
+        fmt = Formatter("chat", body, f"chatcmpl-{uuid.uuid4().hex}", body.n)
+        return await self._serve(body, [{"messages": messages}], fmt)
 
-    async def _serve(self, body: GenerationParams, prompt: dict, fmt: Formatter):
+    async def _serve(self, body: GenerationParams, prompts: list[dict], fmt: Formatter):
         if body.model != self.settings.model_name:
             message = f"The model `{body.model}` does not exist; this server serves `{self.settings.model_name}`"
             raise APIError(404, message, "model", "model_not_found")
-        params = {**prompt, **body.engine_params(), "request_id": fmt.request_id}
+        choices = [
+            _choice_params(body, prompt, f"{fmt.request_id}-{p}-{i}", i) for p, prompt in enumerate(prompts) for i in range(body.n)
+        ]
+        if body.stream:
+            opened = await _all_or_none([self._retrying(self._open, p) for p in choices], cleanup=lambda o: o[0].cancel())
+            return StreamingResponse(stream.sse_events(opened, fmt), media_type="text/event-stream")
+        return JSONResponse(fmt.final(await _all_or_none([self._retrying(self._collect, p) for p in choices])))
+
+    async def _retrying(self, call, params: dict):
+        """``call(params)``, sent again while its replica is lost before anything reached the client."""
         for attempt in range(self.settings.replica_retries + 1):
             try:
-                if body.stream:
-                    chunks, first = await self._open(params)
-                    return StreamingResponse(stream.sse_events(chunks, first, fmt), media_type="text/event-stream")
-                return JSONResponse(fmt.final(await self._collect(params)))
+                return await call(params)
             except stream.ReplicaLost:
                 if attempt == self.settings.replica_retries:
                     raise
-                log.warning("request %s: model replica lost, sending it again (retry %d)", fmt.request_id, attempt + 1)
+                log.warning("request %s: model replica lost, sending it again (retry %d)", params["request_id"], attempt + 1)
                 await asyncio.sleep(0.5 * 2**attempt)
 
     async def _open(self, params: dict):
-        """Send the request to a model replica; return its stream and first item (which says it took it)."""
+        """Send one choice to a model replica; return its stream and first item (which says it took it)."""
         chunks = self.server.options(stream=True).generate.remote(params)
         try:
             first = await stream.next_item(chunks)
@@ -115,7 +159,7 @@ class Router:
         return chunks, first
 
     async def _collect(self, params: dict) -> Collected:
-        """A whole non-streamed answer."""
+        """One choice's whole non-streamed answer."""
         chunks, chunk = await self._open(params)
         collected = Collected()
         try:
@@ -128,3 +172,4 @@ class Router:
             # A client that went away cancels this handler; cancel the request downstream too.
             chunks.cancel()
         return collected
+

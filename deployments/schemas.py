@@ -2,7 +2,9 @@
 
 Deviations from OpenAI, all documented in the field descriptions:
 - ``temperature`` defaults to 0 (greedy SDSAT, the point of this server); > 0 samples.
-- ``n`` must be 1; ``num_sat`` is an extra parameter; responses carry an extra ``sdsat`` field.
+- ``num_sat`` is an extra parameter; responses carry an extra ``sdsat`` field.
+- Fields this server does not know are kept aside (``model_extra``) for
+  :mod:`deployments.fields`, which accepts, refuses (400) or ignores them with a warning.
 """
 
 from __future__ import annotations
@@ -11,18 +13,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.errors import APIError
+
 STRICT = ConfigDict(extra="forbid")
+OPEN = ConfigDict(extra="allow")  # unknown fields land in model_extra (see deployments/fields.py)
+MAX_LOGPROBS = 20  # most alternatives per token (completions logprobs, chat top_logprobs), as vLLM
+MAX_CHOICES = 64  # prompts x n in one request
+
+
+def _invalid(param: str, message: str) -> APIError:
+    return APIError(400, f"invalid value for {param}: {message}", param, "invalid_value")
 
 
 class StreamOptions(BaseModel):
-    model_config = STRICT
+    model_config = OPEN
     include_usage: bool = Field(False, description="Send a last chunk with usage (usage is always on the final chunk here).")
 
 
 class GenerationParams(BaseModel):
     """Parameters shared by completions and chat completions."""
 
-    model_config = STRICT
+    model_config = OPEN
 
     model: str = Field(description="Served model name (GET /v1/models lists it).")
     max_tokens: int | None = Field(
@@ -34,9 +45,18 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before any of them.")
     seed: int | None = Field(
-        None, ge=-(2**63), le=2**63 - 1, description="Random seed for sampling (a 64-bit integer; reproducible outputs)."
+        None,
+        ge=-(2**63),
+        le=2**63 - 1 - MAX_CHOICES,
+        description="Random seed for sampling (reproducible outputs); choice i of n samples with seed + i.",
     )
-    n: int = Field(1, description="Number of choices; only 1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Choices per prompt (prompts x n at most {MAX_CHOICES}).")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated (once per token), as OpenAI."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated (per occurrence), as OpenAI."
+    )
     stream: bool = Field(False, description="Stream server-sent events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (OpenAI's include_usage).")
     user: str | None = Field(None, description="End-user id (accepted, logged nowhere).")
@@ -51,13 +71,6 @@ class GenerationParams(BaseModel):
             raise ValueError(f"max_tokens must be at least 1, got {value}")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(f"only n=1 is supported, got n={value}")
-        return value
-
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
@@ -69,7 +82,7 @@ class GenerationParams(BaseModel):
         return stops
 
     def engine_params(self) -> dict:
-        """What the model deployment needs besides the prompt."""
+        """What the model deployment needs besides the prompt (one choice)."""
         return {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -77,40 +90,96 @@ class GenerationParams(BaseModel):
             "stop": list(self.stop or []),
             "seed": self.seed,
             "num_sat": self.num_sat,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
 
 
+Prompt = str | list[int]
+
+
 class CompletionRequest(GenerationParams):
-    max_tokens: int | None = Field(16, description="Most tokens to generate; 1 .. the server's limit (OpenAI's default 16).")
-    prompt: str | list[int] | list[str] = Field(
-        description="Text, a list of token ids, or a list holding one text (batches of prompts are not supported)."
+    max_tokens: int | None = Field(
+        16, description="Most tokens to generate; 1 .. the server's limit (OpenAI's default 16); 0 only with echo."
+    )
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of token ids, or a batch of either (one choice per prompt and n)."
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs if asked).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description=f"Log-probabilities of each token and its top 0..{MAX_LOGPROBS} alternatives."
     )
 
-    @field_validator("prompt")
+    @field_validator("max_tokens")
     @classmethod
-    def _one_prompt(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt is empty")
-            if isinstance(value[0], str):
-                if len(value) != 1:
-                    raise ValueError(f"only one prompt per request is supported, got {len(value)}")
-                value = value[0]
-        if isinstance(value, str) and not value:
-            raise ValueError("prompt is empty")
+    def _positive_max_tokens(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"max_tokens must be at least 0 (0 only with echo), got {value}")
         return value
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, value):
+        batch = isinstance(value, list) and bool(value) and isinstance(value[0], (str, list))
+        prompts = value if batch else [value]
+        for i, prompt in enumerate(prompts):
+            where = f"prompt {i}" if batch else "prompt"
+            text = isinstance(prompt, str)
+            ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            if not (text or ids) or (batch and text != isinstance(prompts[0], str)):
+                raise ValueError(
+                    f"{where} must be a text or a list of token ids (a batch: all texts or all token-id lists), got {type(prompt).__name__}"
+                )
+            if not prompt:
+                raise ValueError(f"{where} is empty")
+        return value
+
+    def check(self) -> None:
+        """Rules that tie fields together (APIError 400 naming the field)."""
+        if self.max_tokens == 0 and not self.echo:
+            raise _invalid("max_tokens", "max_tokens must be at least 1 (0 only with echo)")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise _invalid("n", f"{len(self.prompts())} prompts x n={self.n} exceeds {MAX_CHOICES} choices per request")
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts of this request: texts or token-id lists."""
+        value = self.prompt
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            return list(value)
+        return [value]
+
+    def engine_params(self) -> dict:
+        return {**super().engine_params(), "echo": self.echo, "logprobs": self.logprobs}
 
 
 class ChatMessage(BaseModel):
-    model_config = STRICT
+    model_config = OPEN
     role: Literal["system", "user", "assistant", "developer"] = Field(description="Who wrote this message.")
-    content: str = Field(description="The message text.")
+    content: str = Field(description="The message text, or a list of text parts (joined with newlines).")
     name: str | None = Field(None, description="Optional author name (accepted, not used).")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        """OpenAI's typed content: a list of {"type": "text", "text": ...} parts."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} is {kind!r}: only text parts ({{'type': 'text', 'text': ...}}) are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far; the chat template renders it.")
     max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens (wins when both are set).")
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description=f"With logprobs: also the 0..{MAX_LOGPROBS} most likely tokens at each position."
+    )
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -119,10 +188,17 @@ class ChatCompletionRequest(GenerationParams):
             raise ValueError(f"max_completion_tokens must be at least 1, got {value}")
         return value
 
+    def check(self) -> None:
+        """Rules that tie fields together (APIError 400 naming the field)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _invalid("top_logprobs", "top_logprobs needs logprobs: true")
+
     def engine_params(self) -> dict:
         params = super().engine_params()
         if self.max_completion_tokens is not None:
             params["max_tokens"] = self.max_completion_tokens
+        params["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        params["echo"] = False
         return params
 
 
@@ -148,10 +224,17 @@ class SDSATInfo(BaseModel):
         return cls(**{k: stats[k] for k in cls.model_fields if k in stats})
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(description="Each token's text (prompt tokens first with echo).")
+    token_logprobs: list[float | None] = Field(description="Each token's log-probability (null for the first prompt token).")
+    top_logprobs: list[dict[str, float] | None] = Field(description="Per token: the top `logprobs` tokens and the chosen one.")
+    text_offset: list[int] = Field(description="Each token's character offset in the choice's text.")
+
+
 class CompletionChoice(BaseModel):
-    index: int = Field(0, description="Choice index (always 0).")
-    text: str = Field(description="Generated text (the delta, when streaming).")
-    logprobs: None = Field(None, description="Not supported; always null.")
+    index: int = Field(0, description="Choice index: prompt index x n + sample index.")
+    text: str = Field(description="Generated text (the delta, when streaming); the prompt first with echo.")
+    logprobs: CompletionLogprobs | None = Field(None, description="With `logprobs`: the tokens' log-probabilities.")
     finish_reason: str | None = Field(description='"stop", "length", or null while streaming.')
 
 
@@ -167,7 +250,7 @@ class _Response(BaseModel):
 
 class CompletionResponse(_Response):
     object: str = Field("text_completion", description="Object type.")
-    choices: list[CompletionChoice] = Field(description="One choice.")
+    choices: list[CompletionChoice] = Field(description="One choice per prompt and n.")
 
 
 class ChatDelta(BaseModel):
@@ -180,17 +263,31 @@ class ChatMessageOut(BaseModel):
     content: str = Field(description="The generated reply.")
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Its log-probability under the model (before temperature and top-p).")
+    bytes: list[int] = Field(description="The UTF-8 bytes of `token`.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The `top_logprobs` most likely tokens at this position.")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(description="One entry per generated token.")
+
+
 class ChatChoice(BaseModel):
-    index: int = Field(0, description="Choice index (always 0).")
+    index: int = Field(0, description="Choice index (0 .. n-1).")
     message: ChatMessageOut | None = Field(None, description="The reply (non-streaming).")
     delta: ChatDelta | None = Field(None, description="The reply's delta (streaming).")
-    logprobs: None = Field(None, description="Not supported; always null.")
+    logprobs: ChatLogprobs | None = Field(None, description="With `logprobs`: the generated tokens' log-probabilities.")
     finish_reason: str | None = Field(description='"stop", "length", or null while streaming.')
 
 
 class ChatCompletionResponse(_Response):
     object: str = Field("chat.completion", description="'chat.completion' or 'chat.completion.chunk'.")
-    choices: list[ChatChoice] = Field(description="One choice.")
+    choices: list[ChatChoice] = Field(description="n choices.")
 
 
 class ModelCard(BaseModel):

@@ -1,10 +1,11 @@
 """``SDSATServer``: the model deployment. One ``Engine`` per replica; tokens stream back.
 
-The router calls ``generate`` through ``handle.options(stream=True)``; it yields plain dicts:
-``{"error": {...}}`` (first and only item, for a bad request or an engine failure) or a chunk
-(``token_ids``, ``text`` delta, ``finish_reason``, token counts, ``stats`` on the last one).
-Closing the stream (the client went away) closes the engine's iterator, which cancels the
-request in the engine.
+The router calls ``generate`` (one choice) through ``handle.options(stream=True)``; it yields
+plain dicts: ``{"error": {...}}`` (first and only item, for a bad request or an engine failure)
+or a chunk (``token_ids``, ``text`` delta, ``finish_reason``, token counts, ``stats`` on the
+last one; ``logprobs`` when asked: per token [text, logprob, [[text, logprob], ...top]]; with
+echo, ``prompt`` on the first: {"text", "logprobs"}). Closing the stream (the client went
+away) closes the engine's iterator, which cancels the request in the engine.
 """
 
 from __future__ import annotations
@@ -145,26 +146,39 @@ class SDSATServer:
         try:
             request = self._request(params)
             self.engine.validate(request)
+            echo = self._echo_text(params, request)
         except RequestError as exc:
             yield {"error": exc.payload}
             return
         except ValueError as exc:
             yield {"error": RequestError(str(exc), _param_of(str(exc), params)).payload}
             return
-        finish, stats = "cancelled", None
+        finish, stats, prompt_entries = "cancelled", None, None
+        scoring_only = params.get("max_tokens") == 0  # echo with max_tokens 0: one token is decoded, none returned
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as chunks:
                 async for chunk in chunks:
                     if chunk.finish_reason is not None:
                         finish, stats = chunk.finish_reason, chunk.stats
-                    yield {
+                    if chunk.prompt_logprobs is not None:  # the first prompt token has none
+                        first = [[self._token_text(request.prompt_ids[0]), None, None]]
+                        prompt_entries = first + self._entries(chunk.prompt_logprobs[1:])
+                    if scoring_only and chunk.finish_reason is None:
+                        continue
+                    out = {
                         "token_ids": list(chunk.token_ids),
                         "text": chunk.text,
                         "finish_reason": chunk.finish_reason,
                         "prompt_tokens": chunk.prompt_tokens,
                         "completion_tokens": chunk.completion_tokens,
                         "stats": chunk.stats,
+                        "logprobs": self._entries(chunk.logprobs),
+                        "prompt": None if echo is None else {"text": echo, "logprobs": prompt_entries},
                     }
+                    echo = None
+                    if scoring_only:
+                        out.update(token_ids=[], text="", finish_reason="length", completion_tokens=0, logprobs=[])
+                    yield out
         except EngineOverloaded as exc:
             finish = "overloaded"
             yield {"error": {"status": 503, "message": f"server overloaded: {exc}", "param": None, "code": "overloaded"}}
@@ -175,6 +189,23 @@ class SDSATServer:
             yield {"error": {"status": 500, "message": message, "param": None, "code": "engine_error"}}
         finally:
             self.metrics.on_finish(finish, stats)
+
+    def _echo_text(self, params: dict, request: Request) -> str | None:
+        """The prompt's text, which an echo request returns before its completion (else None)."""
+        if not params.get("echo"):
+            return None
+        prompt = params["prompt"]
+        return prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(request.prompt_ids)
+
+    def _entries(self, logprobs) -> list[list] | None:
+        """TokenLogprobs as [text, logprob, [[text, logprob], ...]] (None stays None)."""
+        if logprobs is None:
+            return None
+        text = self._token_text
+        return [[text(e.token_id), e.logprob, [[text(t), lp] for t, lp in e.top]] for e in logprobs]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.loaded.tokenizer.decode([token_id])
 
     def _request(self, params: dict) -> Request:
         tokenizer = self.loaded.tokenizer
@@ -193,7 +224,14 @@ class SDSATServer:
                 raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
         if not prompt_ids:
             raise RequestError("prompt is empty after tokenization", prompt_param)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if params.get(name):
+                raise RequestError(f"{name} is not supported yet (only 0): the sampler does not apply penalties", name)
         max_tokens = params.get("max_tokens")
+        if max_tokens == 0:
+            if not params.get("echo"):
+                raise RequestError("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+            max_tokens = 1  # decode one token for the engine, return none
         if max_tokens is None:
             max_tokens = self.settings.default_max_tokens
             if self.context_length:
@@ -220,17 +258,24 @@ class SDSATServer:
             temperature=params.get("temperature", 0.0),
             top_p=params.get("top_p", 1.0),
             seed=params.get("seed"),
+            logprobs=params.get("logprobs"),
+            prompt_logprobs=params.get("logprobs") if params.get("echo") else None,
             request_id=params.get("request_id") or f"req-{time.monotonic_ns()}",
         )
 
-    async def __del__(self):
-        await self.engine.shutdown()
+    def __del__(self):
+        """Serve's shutdown hook (Serve calls it when it stops the replica; the garbage
+        collector may too): stop the engine thread. Synchronous, so that either caller runs it
+        to the end (an ``async def __del__`` would be a coroutine nobody awaits when collected)."""
+        engine = getattr(self, "engine", None)  # absent if __init__ failed
+        if engine is not None:
+            engine.stop()
 
 
 def _param_of(message: str, params: dict) -> str | None:
     """Which request parameter an engine validation message is about, if it says."""
     for name, param in (("max_new_tokens", "max_tokens"), ("num_sat", "num_sat"), ("temperature", "temperature"),
-                        ("top_p", "top_p"), ("stop", "stop"), ("seed", "seed")):
+                        ("top_p", "top_p"), ("stop", "stop"), ("seed", "seed"), ("logprobs", "logprobs")):
         if name in message:
             return param
     return "messages" if params.get("messages") is not None else "prompt"

@@ -181,7 +181,7 @@ BAD_COMPLETIONS = [
     ({"model": TINY, "prompt": ""}, 400, "prompt", "empty"),
     ({"model": TINY, "prompt": [10**9]}, 400, "prompt", "vocabulary"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model", "gpt-4"),
-    ({"model": TINY, "prompt": "x", "n": 2}, 400, "n", "n=1"),
+    ({"model": TINY, "prompt": "x", "n": 0}, 400, "n", "n"),
     ({"model": TINY, "prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
     ({"model": TINY, "prompt": "x", "temperature": 5}, 400, "temperature", "temperature"),
     ({"model": TINY, "prompt": "x", "num_sat": 99}, 400, "num_sat", "num_sat"),
@@ -196,8 +196,8 @@ BAD_CHATS = [
     ({"model": TINY, "messages": []}, 400, "messages", "messages"),
     ({"model": TINY, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "role"),
     ({"model": TINY, "messages": [{"role": "user", "content": "hello " * 600}]}, 400, "messages", "context"),
-    ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "n=1"),
-    ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}, 400, "logit_bias", "logit_bias"),
+    ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n", "n"),
+    ({"model": TINY, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1}}, 400, "logit_bias", "logit_bias"),
 ]
 
 
