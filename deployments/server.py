@@ -268,8 +268,8 @@ class SDSATServer:
         collector may too): stop the engine thread. Synchronous, so that either caller runs it
         to the end (an ``async def __del__`` would be a coroutine nobody awaits when collected)."""
         engine = getattr(self, "engine", None)  # absent if __init__ failed
-        if engine is not None:
-            engine.stop()
+        if engine is not None and engine.stop():
+            log.info("SDSATServer shut down: engine stopped")
 
 
 def _param_of(message: str, params: dict) -> str | None:

@@ -84,9 +84,9 @@ def test_concurrent_greedy_equals_generate_alone(tiny, costs, lookup):
         # it drafted (until it learned that this random model's drafts are wrong, where lookup is off)
         assert sum(s.width > 1 for s in steps) >= 2
         assert all(r[2][-1].stats["mode"] == "sdsat" for r in results)
-        assert sum(s.drafted for s in steps) > 0 and any(s.k for s in steps)
+        assert sum(s.drafts.total("verified") for s in steps) > 0 and any(s.k for s in steps)
     if costs == "none":
-        assert all(s.width == 1 and s.drafted == 0 for s in steps)
+        assert all(s.width == 1 and s.drafts.total("verified") == 0 for s in steps)
 
 
 def test_num_sat_zero_is_plain_beside_drafting_rows(tiny):

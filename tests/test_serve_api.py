@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -236,6 +237,8 @@ def test_api_key(served):
     assert httpx.get(f"{base}/v1/models", timeout=60).status_code == 401
     assert httpx.post(f"{base}/v1/completions", content="{", timeout=60).status_code == 401  # auth before parsing
     assert httpx.get(f"{base}/health", timeout=60).status_code == 200  # probes need no key
+    for path in ("/v1/health", "/x/health", "/health/", "/v1/models/health"):  # only the health route itself
+        assert httpx.get(f"{base}{path}", timeout=60).status_code == 401, path
     out = client(base, KEY).completions.create(**body)
     assert out.usage.completion_tokens > 0
 
@@ -311,7 +314,9 @@ def test_prometheus_metrics_exported(served):
     wanted = [
         "ray_sdsat_requests_total",
         "ray_sdsat_generated_tokens_total",
-        "ray_sdsat_drafted_tokens_total",
+        "ray_sdsat_spec_decode_num_draft_tokens_total",
+        "ray_sdsat_spec_decode_num_draft_tokens_per_pos_total",
+        "ray_sdsat_spec_decode_num_accepted_tokens_per_pos_total",
         "ray_sdsat_tau_bucket",
         "ray_sdsat_step_batch_size_bucket",
         "ray_sdsat_queue_length",
@@ -324,6 +329,7 @@ def test_prometheus_metrics_exported(served):
         time.sleep(1)
     assert not missing, f"metrics not exported: {missing}"
     assert 'deployment="SDSATServer"' in text
+    assert 'source="sat"' in text and 'position="1"' in text
 
 
 def test_load_test_job(served, tmp_path):
@@ -340,3 +346,24 @@ def test_load_test_job(served, tmp_path):
         assert row["output_tokens"] > 0 and row["tokens_per_s"] > 0
         assert row["ttft_p50_s"] is not None and row["ttft_p99_s"] >= row["ttft_p50_s"]
     assert json.loads(out.read_text())["speedup"].keys() == {"1", "2"}
+
+
+def test_deleting_an_app_stops_its_engine(served, tmp_path):
+    """Serve calls the replica's shutdown hook, which stops the engine thread (its log says so)."""
+    import ray
+    from ray import serve
+
+    from deployments.sdsat import build_app
+
+    tiny = make_tiny_checkpoint(tmp_path / "victim")
+    args = {"model": str(tiny), "dtype": "float32", "model_name": TINY, "cpus_per_replica": 0.1, "router_cpus": 0.05}
+    serve.run(build_app(args), name="victim", route_prefix="/victim")
+    assert client(f"{served['base']}/victim").completions.create(model=TINY, prompt="x", max_tokens=2).usage.completion_tokens
+    serve.delete("victim")
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any("SDSATServer shut down: engine stopped" in p.read_text(errors="replace") for p in logs.glob("replica_victim_SDSATServer_*.log")):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no replica of the deleted app logged its engine stopping ({sorted(p.name for p in logs.glob('replica_victim*'))})")

@@ -15,6 +15,7 @@ import torch
 
 from .acceptance import depths
 from .decoding import plain_step, prefill, sdsat_step
+from .draft_counts import DraftCounts, fused_counts, sat_counts
 from .fused import RowNodes, fused_pass
 from .kv_cache import SlotCache
 from .logprobs import LogprobTap, TokenLogprob, prompt_tap
@@ -81,6 +82,12 @@ class Sequence:
         return self.output_ids[before:]
 
     def _check_stop(self, before: int, tokenizer) -> None:
+        # A new stop string ends in the new tokens and spans at most its length in characters
+        # before them: decode only that tail (a character is at most 4 byte tokens), and the
+        # whole output just once, when the tail holds one.
+        tail = self.output_ids[max(0, before - 4 * max(map(len, self.stop)) - 4) :]
+        if not any(s in tokenizer.decode(tail, skip_special_tokens=True) for s in self.stop):
+            return
         text = tokenizer.decode(self.output_ids, skip_special_tokens=True)
         hits = [(i, i + len(s)) for i, s in ((text.find(s), s) for s in self.stop) if i >= 0]
         if not hits:
@@ -125,7 +132,7 @@ class Batch:
         self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
         self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index
         self.last_plan: Plan | None = None  # the latest scheduled step's plan
-        self.last_accepted: list[int] = []  # and the drafts each of its rows accepted
+        self.counts = DraftCounts()  # the latest step's drafts verified and accepted (serving metrics)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -163,6 +170,7 @@ class Batch:
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
         self.pending = {}
+        self.counts = DraftCounts()
         tap = LogprobTap.for_rows(self.sequences, self.banned)  # None unless a row asked for logprobs
         if k == 0:
             emitted = self._plain(tap)
@@ -173,6 +181,7 @@ class Batch:
             sat = torch.tensor(sat_ids, dtype=torch.long, device=self.device)
             if tree is None:
                 emitted, self.last, _ = sdsat_step(self.model, self.cache, self.last, sat, self.banned, override, tap)
+                self.counts = sat_counts([1] * k, [len(tokens) - 2 for tokens in emitted])
             else:
                 if tap is not None:
                     raise ValueError("log-probabilities are not recorded by tree steps")
@@ -180,6 +189,8 @@ class Batch:
                 if override is not None:
                     first = lambda cands: with_first_candidates(cands, override(cands[:, :, 0]))  # noqa: E731
                 emitted, self.last, _ = sdsat_tree_step(self.model, self.cache, self.last, sat, self.banned, tree, first)
+                per_depth = [tree.depths.count(d) for d in range(1, tree.depth + 1)]
+                self.counts = sat_counts(per_depth, [len(tokens) - 2 for tokens in emitted])
         drafts = [(k, len(tokens) - 2, k) if k else None for tokens in emitted]
         return self._finish(emitted, drafts, 2 if k else 1, start, forward_before, tap)
 
@@ -197,6 +208,7 @@ class Batch:
         rows = [self._candidates(seq, sat_ids, lookup) for seq in self.sequences]
         plan = self.scheduler.plan(rows)
         accepted = [0] * len(rows)
+        self.counts = DraftCounts()
         tap = LogprobTap.for_rows(self.sequences, self.banned)
         if plan.plain:
             emitted = self._plain(tap)
@@ -208,11 +220,13 @@ class Batch:
                 self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler, tap
             )
             self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
+            sat = [len(row.pending[: p.pending]) for row, p in zip(rows, plan.rows)]  # each row's SAT drafts come first
+            self.counts = fused_counts([n.drafts for n in nodes], [n.parents for n in nodes], sat, accepted, emitted)
             drafts = [
                 (max(depths(n.parents)), a, len(n.drafts)) if n.drafts else None for n, a in zip(nodes, accepted)
             ]
         self.scheduler.observe(plan, rows, emitted, time.perf_counter() - start, [s.seq_id for s in self.sequences])
-        self.last_plan, self.last_accepted = plan, accepted
+        self.last_plan = plan
         return self._finish(emitted, drafts, 1, start, forward_before, tap)
 
     def _candidates(self, seq: Sequence, sat_ids: list[int], lookup: int) -> RowCandidates:

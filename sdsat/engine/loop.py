@@ -279,19 +279,16 @@ class DecodeLoop:
             return
         step_s = time.perf_counter() - start
         plan = batch.last_plan if scheduled else None
-        accepted = batch.last_accepted if scheduled else [0] * size
         if greedy:
             self.width = plan.width if plan is not None else 1
         for event in events:
             self._deliver(event)
-        deepest = max(accepted, default=0)
         self._report(StepMetrics(
             batch_size=size,
             k=max((p.block for p in plan.rows), default=0) if plan is not None else 0,
             step_s=step_s,
             new_tokens=sum(len(e.new_ids) for e in events),
-            drafted=sum(p.pending + p.lookup for p in plan.rows) if plan is not None else 0,
-            accepted_per_offset=[sum(a > j for a in accepted) for j in range(deepest)],
+            drafts=batch.counts,
             queue_length=self.inbox.queued(),
             mode="greedy" if greedy else "sampling",
             width=self.width if greedy else 1,
@@ -299,7 +296,7 @@ class DecodeLoop:
 
     def _report(self, metrics: StepMetrics) -> None:
         self.inbox.count(
-            steps=1, tokens=metrics.new_tokens, drafted=metrics.drafted, accepted=sum(metrics.accepted_per_offset)
+            steps=1, tokens=metrics.new_tokens, drafted=metrics.drafts.total("verified"), accepted=metrics.drafts.total("accepted")
         )
         if self.on_step is not None:
             try:

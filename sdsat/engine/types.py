@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from ..decode.draft_counts import DraftCounts
 from ..decode.logprobs import TokenLogprob
 
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for
@@ -74,8 +75,7 @@ class StepMetrics:
     k: int  # SAT positions of the longest draft block in this step (0: none)
     step_s: float
     new_tokens: int
-    drafted: int  # draft nodes verified, all rows
-    accepted_per_offset: list[int]  # rows whose drafts were accepted to offset i+1 or beyond
+    drafts: DraftCounts  # drafts verified and accepted, per source ("sat", "lookup") and position
     queue_length: int
     mode: str = "greedy"  # "greedy" | "sampling": which batch stepped
     width: int = 1  # query tokens per row (1: a plain step)
