@@ -248,6 +248,54 @@ def test_penalties_are_refused_until_the_sampler_applies_them(served, oai):
         assert ok.usage.completion_tokens > 0
 
 
+# ---- every new field, streamed and not, greedy and sampled ----------------------------------
+
+PARTS = [{"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a story."}]}]
+CASES = [
+    ("completions", {"prompt": PROMPT, "logprobs": 2}),
+    ("completions", {"prompt": PROMPT, "echo": True, "logprobs": 1}),
+    ("completions", {"prompt": ["one two", "three four"], "n": 2}),
+    ("completions", {"prompt": [[3, 4, 5], [6, 7, 8, 9]], "logprobs": 0}),
+    ("chat", {"messages": PARTS, "max_completion_tokens": 6, "logprobs": True, "top_logprobs": 2}),
+    ("chat", {"messages": PARTS, "n": 2}),
+]
+
+
+def _text(kind: str, choice, streaming: bool) -> str:
+    if kind == "completions":
+        return choice.text
+    return (choice.delta.content if streaming else choice.message.content) or ""
+
+
+def _tokens(kind: str, choice) -> list[tuple[str, float]]:
+    if choice.logprobs is None:
+        return []
+    if kind == "completions":
+        return list(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs))
+    return [(c.token, c.logprob) for c in choice.logprobs.content]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("kind, fields", CASES)
+def test_streaming_equals_whole_for_every_new_field(oai, kind, fields, temperature):
+    create = oai.completions.create if kind == "completions" else oai.chat.completions.create
+    args = {"model": TINY, "max_tokens": 8, "temperature": temperature, "seed": 5, **fields}
+    whole = create(**args)
+    chunks = list(create(**args, stream=True))
+    expected = len(fields["prompt"]) if isinstance(fields.get("prompt"), list) and isinstance(fields["prompt"][0], (str, list)) else 1
+    assert len(whole.choices) == expected * fields.get("n", 1)
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(_text(kind, c, True) for c in mine) == _text(kind, choice, False)
+        assert [f for f in (c.finish_reason for c in mine) if f] == [choice.finish_reason]
+        streamed = [t for c in mine for t in _tokens(kind, c)]
+        assert [t for t, _ in streamed] == [t for t, _ in _tokens(kind, choice)]
+        assert [lp for _, lp in streamed] == pytest.approx([lp for _, lp in _tokens(kind, choice)], abs=1e-6)
+        if fields.get("logprobs") is not None and fields.get("logprobs") is not False:
+            assert _tokens(kind, choice), "logprobs were asked for"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 # ---- fields the server does not implement ---------------------------------------------------
 
 
