@@ -106,7 +106,7 @@ def test_completion_logprobs_equal_a_plain_forward(served, oai):
 
     chunks = list(oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=12, logprobs=2, stream=True))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
-    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)
 
 
 def test_sampled_logprobs_are_the_models_own(served, oai):
@@ -126,7 +126,7 @@ def test_sampled_logprobs_are_the_models_own(served, oai):
 
 def local_engine_ids(loaded, request) -> list[int]:
     async def main():
-        engine = Engine(loaded, EngineConfig(calibrate=False))
+        engine = Engine(loaded, EngineConfig(calibration_budget_s=0.0))
         try:
             return [t async for c in engine.generate(request) for t in c.token_ids]
         finally:
@@ -290,7 +290,9 @@ def test_streaming_equals_whole_for_every_new_field(oai, kind, fields, temperatu
         assert [f for f in (c.finish_reason for c in mine) if f] == [choice.finish_reason]
         streamed = [t for c in mine for t in _tokens(kind, c)]
         assert [t for t, _ in streamed] == [t for t, _ in _tokens(kind, choice)]
-        assert [lp for _, lp in streamed] == pytest.approx([lp for _, lp in _tokens(kind, choice)], abs=1e-6)
+        # Values to 1e-4: the scheduler may verify other drafts in each run, and passes of other
+        # widths round differently in fp32 (the tokens are exactly the same).
+        assert [lp for _, lp in streamed] == pytest.approx([lp for _, lp in _tokens(kind, choice)], abs=1e-4)
         if fields.get("logprobs") is not None and fields.get("logprobs") is not False:
             assert _tokens(kind, choice), "logprobs were asked for"
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
