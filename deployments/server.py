@@ -27,6 +27,7 @@ from sdsat.model.sat import SATConfig
 log = logging.getLogger("ray.serve")
 
 UNTRAINED_SAT = 4  # SATs added to a model that has none (drafts then rarely get accepted)
+SHUTDOWN_WAIT_S = 30.0  # how long the shutdown hook waits for the engine's current step
 
 
 @dataclass
@@ -268,8 +269,12 @@ class SDSATServer:
         collector may too): stop the engine thread. Synchronous, so that either caller runs it
         to the end (an ``async def __del__`` would be a coroutine nobody awaits when collected)."""
         engine = getattr(self, "engine", None)  # absent if __init__ failed
-        if engine is not None and engine.stop():
+        if engine is None:
+            return
+        if engine.stop(timeout_s=SHUTDOWN_WAIT_S):
             log.info("SDSATServer shut down: engine stopped")
+        else:
+            log.warning("SDSATServer shut down: the engine thread is still in a step after %.0f s", SHUTDOWN_WAIT_S)
 
 
 def _param_of(message: str, params: dict) -> str | None:
