@@ -14,10 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.errors import APIError
+from sdsat.engine.types import MAX_LOGPROBS  # most alternatives per token (completions logprobs, chat top_logprobs)
 
-STRICT = ConfigDict(extra="forbid")
 OPEN = ConfigDict(extra="allow")  # unknown fields land in model_extra (see deployments/fields.py)
-MAX_LOGPROBS = 20  # most alternatives per token (completions logprobs, chat top_logprobs), as vLLM
 MAX_CHOICES = 64  # prompts x n in one request
 
 

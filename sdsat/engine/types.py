@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..decode.draft_counts import DraftCounts
-from ..decode.logprobs import TokenLogprob
 
-MAX_LOGPROBS = 20  # most alternatives per token a request may ask for
+if TYPE_CHECKING:  # torch-free at run time: the HTTP router reads MAX_LOGPROBS from here
+    from ..decode.logprobs import TokenLogprob
+
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (as vLLM)
 
 
 @dataclass
