@@ -1,7 +1,11 @@
 """A running batch of sequences that share draft/verify (or plain) steps.
 
 Sequences join (their prompts are prefilled and appended) and leave (finished or
-cancelled) between steps; each row verifies its own drafts and accepts its own number. Used by :func:`sdsat.decode.generate.generate` and by the serving engine.
+cancelled) between steps; each row verifies its own drafts and accepts its own number.
+Greedy and sampling rows share the batch and its passes: a sampling row verifies the same
+drafts with speculative sampling's rule (:mod:`sdsat.decode.sample_accept`), so its output
+is distributed exactly as plain sampling's. Used by :func:`sdsat.decode.generate.generate`
+and by the serving engine.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from typing import Callable
 import torch
 
 from .acceptance import depths
-from .decoding import plain_step, prefill, sdsat_step
+from .decoding import forward, plain_step, prefill, sdsat_step
 from .fused import RowNodes, fused_pass
 from .kv_cache import SlotCache
 from .lookup import LookupIndex
+from .sample_accept import RowSampler, sample_nodes
 from .scheduler import Plan, RowCandidates, RowPlan, Scheduler, Trie
 from .stats import DecodeStats
+from .target import SamplingParams
 from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
 _ids = itertools.count()
@@ -119,6 +125,7 @@ class Batch:
         # where the model has SATs (any token keeps the output exact).
         self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
         self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index
+        self.samplers: dict[int, RowSampler] = {}  # seq_id -> its sampler; rows without one are greedy
         self.last_plan: Plan | None = None  # the latest scheduled step's plan
         self.last_accepted: list[int] = []  # and the drafts each of its rows accepted
 
@@ -126,10 +133,13 @@ class Batch:
         return len(self.sequences)
 
     @torch.inference_mode()
-    def add(self, sequences: list[Sequence]) -> None:
-        """Prefill new sequences and let them join the batch."""
+    def add(self, sequences: list[Sequence], sampling: list[SamplingParams | None] | None = None) -> None:
+        """Prefill new sequences and let them join the batch; sampling: each one's
+        :class:`SamplingParams` (None, or temperature 0 without penalties: greedy)."""
         if not sequences:
             return
+        if sampling is not None and len(sampling) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences need as many sampling params, got {len(sampling)}")
         cache = SlotCache.for_model(self.model, len(sequences))
         start = time.perf_counter()
         last = prefill(self.model, cache, [s.prompt_ids for s in sequences], self.pad_id)
@@ -139,6 +149,9 @@ class Batch:
         self.cache.extend(cache)
         self.last = torch.cat([self.last, last])
         self.sequences.extend(sequences)
+        for seq, params in zip(sequences, sampling or []):
+            if params is not None and not (params.greedy and not params.penalised):
+                self.samplers[seq.seq_id] = RowSampler(params)
 
     @torch.inference_mode()
     def step(
@@ -159,6 +172,8 @@ class Batch:
         self.pending = {}
         if k == 0:
             emitted = self._plain()
+        elif self.samplers:
+            raise ValueError("sampling rows verify drafts in scheduled (fused) steps only: call step() without SATs")
         else:
             override = None
             if draft_override is not None:
@@ -195,8 +210,9 @@ class Batch:
         else:
             nodes = [_nodes(row, p) for row, p in zip(rows, plan.rows)]
             emitted, self.last, nxt, accepted = fused_pass(
-                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler
+                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler, self._draw()
             )
+            self._spend(emitted)
             self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
             drafts = [
                 (max(depths(n.parents)), a, len(n.drafts)) if n.drafts else None for n, a in zip(nodes, accepted)
@@ -255,12 +271,35 @@ class Batch:
         self.sequences = [self.sequences[i] for i in keep]
         kept = {s.seq_id for s in self.sequences}
         self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
+        self.samplers = {i: sampler for i, sampler in self.samplers.items() if i in kept}
         self.pending = {i: drafts for i, drafts in self.pending.items() if i in kept}
 
     def _plain(self) -> list[list[int]]:
-        """One plain greedy step for every row; returns the token each row emitted."""
-        self.last = plain_step(self.model, self.cache, self.last, self.banned)
-        return [[t] for t in self.last.tolist()]
+        """One plain step for every row (greedy, or a draw); returns the token each row emitted."""
+        if not self.samplers:
+            self.last = plain_step(self.model, self.cache, self.last, self.banned)
+            return [[t] for t in self.last.tolist()]
+        logits = forward(self.model, self.cache, self.last[:, None])  # [B, 1, V]
+        self.cache.advance(1)
+        root = torch.zeros(len(self.sequences), 1, dtype=torch.long, device=self.device)  # depth 0, its own path
+        self.last = self._draw()(logits, self.last[:, None], root, root[..., None])[:, 0]
+        emitted = [[t] for t in self.last.tolist()]
+        self._spend(emitted)
+        return emitted
+
+    def _draw(self) -> Callable[..., torch.Tensor] | None:
+        """What a pass's nodes yield when some rows sample: their draws (argmaxes elsewhere)."""
+        if not self.samplers:
+            return None
+        samplers = [self.samplers.get(s.seq_id) for s in self.sequences]
+        return lambda logits, tokens, depths, paths: sample_nodes(logits, tokens, depths, paths, samplers, self.banned)
+
+    def _spend(self, emitted: list[list[int]]) -> None:
+        """Each sampling row spent one uniform per token it emitted."""
+        for seq, tokens in zip(self.sequences, emitted):
+            sampler = self.samplers.get(seq.seq_id)
+            if sampler is not None:
+                sampler.advance(tokens)
 
     def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int], list[float]]:
         """This row's prompt-lookup trie of up to ``budget`` nodes, (tokens, parents, scores)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 16  # rows decoding together (greedy and sampling together)
+    max_batch_size: int = 16  # rows decoding together (greedy and sampling rows share the batch)
     num_sat: int | None = None  # SATs a row may draft with; None: the model's trained k (or all its SATs), 0 without SATs
     lookup: int = 16  # prompt-lookup trie nodes a row may offer per pass (0: none); the scheduler picks how many
     calibration_budget_s: float = 8.0  # start-up measurement of pass costs (0: never draft)
@@ -36,7 +36,7 @@ class Request:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     num_sat: int | None = None  # cap on k for this request; 0 = no drafting; None = the engine's
-    temperature: float = 0.0  # 0: greedy (SDSAT); > 0: sampling
+    temperature: float = 0.0  # 0: greedy; > 0: sampling (both verify SDSAT drafts)
     top_p: float = 1.0
     seed: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -69,7 +69,6 @@ class StepMetrics:
     drafted: int  # draft nodes verified, all rows
     accepted_per_offset: list[int]  # rows whose drafts were accepted to offset i+1 or beyond
     queue_length: int
-    mode: str = "greedy"  # "greedy" | "sampling": which batch stepped
     width: int = 1  # query tokens per row (1: a plain step)
 
 
