@@ -292,8 +292,8 @@ def test_default_model_completion(served):
 
 
 def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
-    """Greedy requests whose answer repeats their prompt (a rename in code): once the replica
-    has measured its pass costs, the scheduler verifies lookup drafts and they are accepted."""
+    """Greedy and sampled requests whose answer repeats their prompt (a rename in code): once the
+    replica has measured its pass costs, the scheduler verifies lookup drafts and they are accepted."""
     deadline = time.monotonic() + 600
     while stats("default")["engine"]["calibration_s"] is None:
         assert time.monotonic() < deadline, "the replica never finished measuring its pass costs"
@@ -305,6 +305,13 @@ def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
     last = infos[-1]  # the scheduler learns acceptance across requests
     assert last["mode"] == "sdsat" and last["drafted"] > 0
     assert last["accepted"] > 0 and last["tau"] > 1.0
+    sampled = [
+        oai.completions.create(model="sdsat-default", prompt=prompt, max_tokens=48, temperature=0.3, seed=11)
+        for _ in range(2)
+    ]
+    info = sampled[-1].model_extra["sdsat"]
+    assert info["mode"] == "sampling" and info["drafted"] > 0 and info["accepted"] > 0
+    assert sampled[0].choices[0].text == sampled[1].choices[0].text  # seeded: the same draws, whatever was verified
 
 
 def test_prometheus_metrics_exported(served):
