@@ -305,13 +305,11 @@ def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
     last = infos[-1]  # the scheduler learns acceptance across requests
     assert last["mode"] == "sdsat" and last["drafted"] > 0
     assert last["accepted"] > 0 and last["tau"] > 1.0
-    sampled = [
-        oai.completions.create(model="sdsat-default", prompt=prompt, max_tokens=48, temperature=0.3, seed=11)
-        for _ in range(2)
-    ]
-    info = sampled[-1].model_extra["sdsat"]
+    # (A seed repeats exactly where logits do, in fp32: test_num_sat_zero_is_plain_and_sampling_says_so.
+    # This app runs bf16, where a pass over other drafts rounds the logits differently.)
+    sampled = oai.completions.create(model="sdsat-default", prompt=prompt, max_tokens=48, temperature=0.3, seed=11)
+    info = sampled.model_extra["sdsat"]
     assert info["mode"] == "sampling" and info["drafted"] > 0 and info["accepted"] > 0
-    assert sampled[0].choices[0].text == sampled[1].choices[0].text  # seeded: the same draws, whatever was verified
 
 
 def test_prometheus_metrics_exported(served):
