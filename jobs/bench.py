@@ -1,7 +1,8 @@
-"""Speed and exactness of SDSAT greedy decoding vs plain greedy decoding of the same model.
+"""Speed and exactness of SDSAT decoding vs plain decoding of the same model, greedy or sampled.
 
     python jobs/bench.py --model default --num-sat 5 --prompts humaneval:20 --max-new-tokens 128 \
         --dtype bfloat16 --json results/bench.json
+    python jobs/bench.py --temperature 0.7 --top-p 0.9 --json results/bench_t07.json
 
 The default decoder is exactly what serving runs: the fused one-pass iteration
 (sdsat/decode/fused.py) with the drafts the scheduler (sdsat/decode/scheduler.py) chooses per
@@ -15,6 +16,11 @@ Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. I
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
 tokens there: a near-tie is rounding, anything else is a bug.
+``--temperature T`` (with ``--top-p``, ``--seed``): plain sampling vs SDSAT sampling, prompt i
+seeded with seed + i in both runs. Speculative sampling keeps plain sampling's distribution
+exactly, and each output token is drawn with its own position's uniform, so the same seeds give
+the same tokens up to rounding: ``token_match_rate`` (divergences are not judged: a draw near a
+boundary of the CDF flips with rounding, whatever the logit margin).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, orac
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.load import load_model
 from sdsat.decode.stats import DecodeStats
+from sdsat.decode.target import SamplingParams
 from sdsat.decode.tree import DraftTree
 
 log = logging.getLogger("bench")
@@ -62,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: plain vs SDSAT sampling at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling: prompt i is seeded with seed + i (in both runs)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.tree or args.oracle_drafts:
@@ -74,6 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-sat must be >= 1 (0 only with --lookup N: prompt lookup alone)")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.temperature:
+        if args.two_step:
+            p.error("--temperature: sampling verifies drafts in the fused iteration only (no --two-step, --tree, --oracle-drafts)")
+        try:
+            SamplingParams(args.temperature, args.top_p)
+        except ValueError as exc:
+            p.error(str(exc))
     if args.tree:
         try:
             depth = DraftTree.parse(args.tree).depth
@@ -84,24 +101,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(loaded, prompts, args, k: int, references=None, draft: bool = True, scheduler: Scheduler | None = None):
-    """Decode every prompt in batches (draft=False: plain greedy; else the default decoder
-    with this scheduler, or the two-step iteration); return (outputs, stats, seconds)."""
+def run(loaded, prompts, args, k: int, references=None, draft: bool = True, scheduler: Scheduler | None = None, first: int = 0):
+    """Decode every prompt in batches (draft=False: plain decoding; else the default decoder
+    with this scheduler, or the two-step iteration), greedy or sampled (prompt i, counted from
+    ``first``, seeded with args.seed + i); return (outputs, stats, seconds)."""
     outputs, stats, seconds = [], [], 0.0
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
         seqs = make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop))
+        sampling = None
+        if args.temperature:
+            sampling = [SamplingParams(args.temperature, args.top_p, args.seed + first + start + i) for i in range(len(chunk))]
         override = None
         if references is not None:
             refs = references[start : start + args.batch_size]
             override = oracle_drafts({s.seq_id: r for s, r in zip(seqs, refs)}, regenerate=plain_continuation(loaded))
         t0 = time.perf_counter()
         if not draft:
-            generate(loaded, seqs, 0)
+            generate(loaded, seqs, 0, sampling=sampling)
         elif args.two_step:
             generate(loaded, seqs, k, override, args.tree or None, two_step=True)
         else:
-            generate(loaded, seqs, k, lookup=args.lookup, scheduler=scheduler)
+            generate(loaded, seqs, k, lookup=args.lookup, scheduler=scheduler, sampling=sampling)
         seconds += time.perf_counter() - t0
         if override is not None:  # leave out the untimed re-derivation of oracle references
             seconds -= override.seconds
@@ -142,6 +163,9 @@ def divergences(args, prompts, plain, sdsat) -> list[dict]:
         if at is None:  # one stopped earlier: differ at the shorter length
             found.append({"prompt": i, "position": min(len(a), len(b)), "margin_fp32": None})
             continue
+        if args.temperature:  # a sampled divergence is a draw near a CDF boundary: not judged
+            found.append({"prompt": i, "position": at, "plain": a[at], "sdsat": b[at], "margin_fp32": None})
+            continue
         if fp32 is None:
             fp32 = load_model(args.model, dtype="float32", device=args.device, add_sat=args.add_sat)
         with torch.inference_mode():
@@ -163,8 +187,9 @@ def main(argv=None) -> dict:
     texts = load_prompts(args.prompts)
     prompts = [loaded.tokenizer.encode(t) for t in texts]
     k = args.num_sat
-    log.info("model %s, %s, k=%d, batch %d, %d prompts, %d new tokens", args.model, args.dtype, k,
-             args.batch_size, len(prompts), args.max_new_tokens)
+    log.info("model %s, %s, k=%d, batch %d, %d prompts, %d new tokens, %s", args.model, args.dtype, k,
+             args.batch_size, len(prompts), args.max_new_tokens,
+             f"temperature {args.temperature}, top-p {args.top_p}" if args.temperature else "greedy")
 
     # The pass-cost curve, measured as a replica measures it; one scheduler for the whole run
     # (it learns acceptance across prompts), fed by timed passes only.
@@ -181,12 +206,12 @@ def main(argv=None) -> dict:
     step = args.batch_size
     for start in range(0, len(prompts), step):  # interleaved, batch by batch
         chunk = prompts[start : start + step]
-        out, stats, secs = run(loaded, chunk, args, 0, draft=False)
+        out, stats, secs = run(loaded, chunk, args, 0, draft=False, first=start)
         plain_out += out
         plain_stats += stats
         plain_s += secs
         refs = out if args.oracle_drafts else None
-        out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler)
+        out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler, first=start)
         sdsat_out += out
         sdsat_stats += stats
         sdsat_s += secs
@@ -216,6 +241,9 @@ def main(argv=None) -> dict:
         "oracle_drafts": args.oracle_drafts,
         "tree": args.tree or None,
         "decoder": "two-step" if args.two_step else "scheduled",
+        "temperature": args.temperature,
+        "top_p": args.top_p if args.temperature else None,
+        "seed": args.seed if args.temperature else None,
         "lookup": args.lookup,
         "pass_cost": scheduler.cost.ratios(),
         "pass_cost_1_token_s": scheduler.cost.curve[1],
@@ -246,7 +274,8 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print()
-    print(f"{'':22}{'plain':>12}{'sdsat':>12}")
+    mode = f"sampling at T={r['temperature']}, top-p {r['top_p']}" if r["temperature"] else "greedy"
+    print(f"{'':22}{'plain':>12}{'sdsat':>12}   ({mode})")
     print(f"{'tokens/s':22}{r['plain_tokens_per_s']:>12.2f}{r['sdsat_tokens_per_s']:>12.2f}")
     print(f"speedup               {r['speedup']:.2f}x   (model {r['model']}, {r['dtype']}, k={r['k']}, batch {r['batch']})")
     print(f"tau                   {r['tau']:.2f} tokens/iteration, {r['tokens_per_forward']:.2f} tokens/forward")

@@ -15,7 +15,8 @@ import torch
 
 from sdsat.decode.batch import Batch
 from sdsat.decode.generate import generate, make_sequences, oracle_drafts
-from sdsat.decode.sampling import SamplingBatch, SamplingParams
+from sdsat.decode.scheduler import Scheduler
+from sdsat.decode.target import SamplingParams
 from sdsat.decode.scheduler import Scheduler
 from sdsat.engine.engine import Engine, EngineConfig, Request
 from tests.conftest import tiny_loaded
@@ -84,12 +85,15 @@ def test_greedy_logprobs_equal_a_plain_forward(tiny, mode):
     assert all(not s.token_logprobs for s in seqs if s.logprobs is None)  # only rows that asked
 
 
-def test_sampled_tokens_get_the_models_own_logprobs(tiny):
+@pytest.mark.parametrize("drafts", [False, True])
+def test_sampled_tokens_get_the_models_own_logprobs(tiny, drafts):
+    """Plain sampling steps, or scheduled passes that verify drafts for the sampled rows."""
     seqs = with_logprobs(tiny, PROMPTS)
-    batch = SamplingBatch(tiny.model, tiny.tokenizer, tiny.sat.unique_ids)
+    scheduler = Scheduler(lambda rows, q: 1.0) if drafts else None
+    batch = Batch(tiny.model, tiny.tokenizer, tiny.sat.unique_ids, scheduler=scheduler)
     batch.add(seqs, [SamplingParams(0.8, 0.9, seed=i) for i in range(len(seqs))])
     while len(batch):
-        batch.step()
+        batch.scheduled_step(tiny.sat.ids_for(4), lookup=8) if drafts else batch.step()
     check_outputs(tiny, [s for s in seqs if s.logprobs is not None])
 
 

@@ -6,17 +6,16 @@ import pytest
 import torch
 
 from sdsat.decode.batch import Sequence
-from sdsat.decode.sampling import SamplingParams, sample, top_p_filter
+from sdsat.decode.sample_accept import RowSampler, sample_nodes
+from sdsat.decode.target import SamplingParams
 from sdsat.engine.text_stream import TextStream, held_back
 from tests.conftest import TinyTokenizer
 
 
-def test_top_p_keeps_the_smallest_nucleus():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
-    out = top_p_filter(probs, torch.tensor([0.75, 1.0]))
-    assert torch.allclose(out[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))
-    assert torch.allclose(out[1], probs[1])
-    assert torch.equal(top_p_filter(probs, torch.tensor([1e-6, 1e-6])), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+def draw(logits: torch.Tensor, params: list[SamplingParams], banned=None) -> torch.Tensor:
+    """One plain draw per row. logits [B, V] -> tokens [B]."""
+    root = torch.zeros(len(params), 1, dtype=torch.long)
+    return sample_nodes(logits[:, None], root, root, root[..., None], [RowSampler(p) for p in params], banned)[:, 0]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -24,8 +23,7 @@ def test_sample_follows_the_tempered_distribution(temperature):
     target = torch.tensor([0.1, 0.2, 0.7, 0.0])
     draws = 20000
     logits = target.clamp_min(1e-30).log().expand(draws, -1)  # [draws, 4]
-    gen = torch.Generator().manual_seed(0)
-    tokens = sample(logits, torch.full((draws,), temperature), torch.ones(draws), [gen] * draws)
+    tokens = draw(logits, [SamplingParams(temperature, seed=i) for i in range(draws)])
     freq = torch.bincount(tokens, minlength=4).float() / draws
     expected = target ** (1 / temperature)
     expected /= expected.sum()
@@ -36,20 +34,11 @@ def test_sample_follows_the_tempered_distribution(temperature):
 def test_sample_never_draws_banned_ids_and_seeds_reproduce():
     logits = torch.zeros(64, 8)  # uniform
     banned = torch.tensor([6, 7])
-    draw = lambda seed: sample(  # noqa: E731
-        logits, torch.ones(64), torch.ones(64), [torch.Generator().manual_seed(seed + i) for i in range(64)], banned
-    )
-    first = draw(1)
+    run = lambda seed: draw(logits, [SamplingParams(1.0, seed=seed + i) for i in range(64)], banned)  # noqa: E731
+    first = run(1)
     assert int(first.max()) < 6
-    assert torch.equal(first, draw(1))
-    assert not torch.equal(first, draw(2))
-
-
-def test_sampling_params_validate():
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(0.0)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(1.0, top_p=0.0)
+    assert torch.equal(first, run(1))
+    assert not torch.equal(first, run(2))
 
 
 def test_held_back():

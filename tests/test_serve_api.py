@@ -295,8 +295,8 @@ def test_default_model_completion(served):
 
 
 def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
-    """Greedy requests whose answer repeats their prompt (a rename in code): once the replica
-    has measured its pass costs, the scheduler verifies lookup drafts and they are accepted."""
+    """Greedy and sampled requests whose answer repeats their prompt (a rename in code): once the
+    replica has measured its pass costs, the scheduler verifies lookup drafts and they are accepted."""
     deadline = time.monotonic() + 600
     while stats("default")["engine"]["calibration_s"] is None:
         assert time.monotonic() < deadline, "the replica never finished measuring its pass costs"
@@ -308,6 +308,11 @@ def test_default_model_accepts_drafts_on_text_that_repeats_itself(served):
     last = infos[-1]  # the scheduler learns acceptance across requests
     assert last["mode"] == "sdsat" and last["drafted"] > 0
     assert last["accepted"] > 0 and last["tau"] > 1.0
+    # (A seed repeats exactly where logits do, in fp32: test_num_sat_zero_is_plain_and_sampling_says_so.
+    # This app runs bf16, where a pass over other drafts rounds the logits differently.)
+    sampled = oai.completions.create(model="sdsat-default", prompt=prompt, max_tokens=48, temperature=0.3, seed=11)
+    info = sampled.model_extra["sdsat"]
+    assert info["mode"] == "sampling" and info["drafted"] > 0 and info["accepted"] > 0
 
 
 def test_prometheus_metrics_exported(served):

@@ -1,7 +1,11 @@
 """A running batch of sequences that share draft/verify (or plain) steps.
 
 Sequences join (their prompts are prefilled and appended) and leave (finished or
-cancelled) between steps; each row verifies its own drafts and accepts its own number. Used by :func:`sdsat.decode.generate.generate` and by the serving engine.
+cancelled) between steps; each row verifies its own drafts and accepts its own number.
+Greedy and sampling rows share the batch and its passes: a sampling row verifies the same
+drafts with speculative sampling's rule (:mod:`sdsat.decode.sample_accept`), so its output
+is distributed exactly as plain sampling's. Used by :func:`sdsat.decode.generate.generate`
+and by the serving engine.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ from typing import Callable
 import torch
 
 from .acceptance import depths
-from .decoding import plain_step, prefill, sdsat_step
+from .decoding import forward, plain_step, prefill, sdsat_step
 from .draft_counts import DraftCounts, fused_counts, sat_counts
 from .fused import RowNodes, fused_pass
 from .kv_cache import SlotCache
 from .logprobs import LogprobTap, TokenLogprob, prompt_tap
 from .lookup import LookupIndex
+from .sample_accept import RowSampler, sample_nodes
 from .scheduler import Plan, RowCandidates, RowPlan, Scheduler, Trie
 from .stats import DecodeStats
+from .target import SamplingParams
 from .tree import DraftTree, sdsat_tree_step, with_first_candidates
 
 _ids = itertools.count()
@@ -131,6 +137,7 @@ class Batch:
         # where the model has SATs (any token keeps the output exact).
         self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
         self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index
+        self.samplers: dict[int, RowSampler] = {}  # seq_id -> its sampler; rows without one are greedy
         self.last_plan: Plan | None = None  # the latest scheduled step's plan
         self.counts = DraftCounts()  # the latest step's drafts verified and accepted (serving metrics)
 
@@ -138,10 +145,13 @@ class Batch:
         return len(self.sequences)
 
     @torch.inference_mode()
-    def add(self, sequences: list[Sequence]) -> None:
-        """Prefill new sequences and let them join the batch."""
+    def add(self, sequences: list[Sequence], sampling: list[SamplingParams | None] | None = None) -> None:
+        """Prefill new sequences and let them join the batch; sampling: each one's
+        :class:`SamplingParams` (None, or temperature 0 without penalties: greedy)."""
         if not sequences:
             return
+        if sampling is not None and len(sampling) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences need as many sampling params, got {len(sampling)}")
         cache = SlotCache.for_model(self.model, len(sequences))
         start = time.perf_counter()
         on_hidden = prompt_tap(self.model, sequences, self.banned)  # None unless a row asked for prompt logprobs
@@ -152,6 +162,9 @@ class Batch:
         self.cache.extend(cache)
         self.last = torch.cat([self.last, last])
         self.sequences.extend(sequences)
+        for seq, params in zip(sequences, sampling or []):
+            if params is not None and not (params.greedy and not params.penalised):
+                self.samplers[seq.seq_id] = RowSampler(params)
 
     @torch.inference_mode()
     def step(
@@ -174,6 +187,8 @@ class Batch:
         tap = LogprobTap.for_rows(self.sequences, self.banned)  # None unless a row asked for logprobs
         if k == 0:
             emitted = self._plain(tap)
+        elif self.samplers:
+            raise ValueError("sampling rows verify drafts in scheduled (fused) steps only: call step() without SATs")
         else:
             override = None
             if draft_override is not None:
@@ -217,8 +232,10 @@ class Batch:
         else:
             nodes = [_nodes(row, p) for row, p in zip(rows, plan.rows)]
             emitted, self.last, nxt, accepted = fused_pass(
-                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler, tap
+                self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler,
+                self._draw(), tap,
             )
+            self._spend(emitted)
             self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
             sat = [len(row.pending[: p.pending]) for row, p in zip(rows, plan.rows)]  # each row's SAT drafts come first
             self.counts = fused_counts([n.drafts for n in nodes], [n.parents for n in nodes], sat, accepted, emitted)
@@ -281,12 +298,37 @@ class Batch:
         self.sequences = [self.sequences[i] for i in keep]
         kept = {s.seq_id for s in self.sequences}
         self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
+        self.samplers = {i: sampler for i, sampler in self.samplers.items() if i in kept}
         self.pending = {i: drafts for i, drafts in self.pending.items() if i in kept}
 
     def _plain(self, tap: LogprobTap | None = None) -> list[list[int]]:
-        """One plain greedy step for every row; returns the token each row emitted."""
-        self.last = plain_step(self.model, self.cache, self.last, self.banned, tap)
-        return [[t] for t in self.last.tolist()]
+        """One plain step for every row (greedy, or a draw); returns the token each row emitted."""
+        if not self.samplers:
+            self.last = plain_step(self.model, self.cache, self.last, self.banned, tap)
+            return [[t] for t in self.last.tolist()]
+        logits = forward(self.model, self.cache, self.last[:, None])  # [B, 1, V]
+        self.cache.advance(1)
+        root = torch.zeros(len(self.sequences), 1, dtype=torch.long, device=self.device)  # depth 0, its own path
+        self.last = self._draw()(logits, self.last[:, None], root, root[..., None])[:, 0]
+        emitted = [[t] for t in self.last.tolist()]
+        if tap is not None:
+            tap(logits, [[0]] * len(emitted), emitted)
+        self._spend(emitted)
+        return emitted
+
+    def _draw(self) -> Callable[..., torch.Tensor] | None:
+        """What a pass's nodes yield when some rows sample: their draws (argmaxes elsewhere)."""
+        if not self.samplers:
+            return None
+        samplers = [self.samplers.get(s.seq_id) for s in self.sequences]
+        return lambda logits, tokens, depths, paths: sample_nodes(logits, tokens, depths, paths, samplers, self.banned)
+
+    def _spend(self, emitted: list[list[int]]) -> None:
+        """Each sampling row spent one uniform per token it emitted."""
+        for seq, tokens in zip(self.sequences, emitted):
+            sampler = self.samplers.get(seq.seq_id)
+            if sampler is not None:
+                sampler.advance(tokens)
 
     def _lookup(self, seq: Sequence, budget: int) -> tuple[list[int], list[int], list[float]]:
         """This row's prompt-lookup trie of up to ``budget`` nodes, (tokens, parents, scores)

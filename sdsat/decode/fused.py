@@ -28,6 +28,7 @@ two-step iteration.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -66,13 +67,17 @@ def fused_pass(
     sat_ids: list[int],
     banned: torch.Tensor | None,
     filler: int,
+    draw: Callable[..., torch.Tensor] | None = None,
     on_logits=None,
 ) -> tuple[list[list[int]], torch.Tensor, list[list[int]], list[int]]:
     """One fused iteration over ``width`` query tokens per row. last [B]; rows[i]: row i's
     drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a token never
-    accepted where it can be: a SAT id) pads every row to ``width``. on_logits(logits, nodes,
-    tokens): given the pass's logits and, per row, the accepted path's nodes, whose argmaxes
-    are the emitted tokens (:class:`sdsat.decode.logprobs.LogprobTap`).
+    accepted where it can be: a SAT id) pads every row to ``width``. draw(logits, tokens,
+    depths, paths) -> tokens [B, n]: what the root and draft nodes yield instead of their argmax
+    where rows sample (:func:`sdsat.decode.sample_accept.sample_nodes`); the block's guesses stay
+    argmaxes (greedy SAT drafts, one token per node). on_logits(logits, nodes, tokens): given
+    the pass's logits and, per row, the accepted path's nodes and the emitted tokens
+    (:class:`sdsat.decode.logprobs.LogprobTap`).
 
     Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next SAT
     drafts per row: the block's guesses past what was accepted; accepted drafts per row).
@@ -90,7 +95,11 @@ def fused_pass(
     tokens = torch.cat([last[:, None], torch.tensor(table, dtype=torch.long, device=last.device)], dim=1)  # [B, width]
     logits = forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths)  # [B, width, V]
     z = greedy(logits, banned)  # [B, width]
-    paths, emitted, bonus = accept_rows(tokens, z, t)
+    drawn = z
+    if draw is not None:  # past the longest row's drafts are block and filler nodes: never accepted
+        n = 1 + max(len(r.drafts) for r in rows)
+        drawn = torch.cat([draw(logits[:, :n], tokens[:, :n], t.depths[:, :n], t.paths[:, :n]), z[:, n:]], dim=1)
+    paths, emitted, bonus = accept_rows(tokens, drawn, t)
     if on_logits is not None:
         on_logits(logits, paths, [row[1:] for row in emitted])
     cache.keep_slots(paths)  # last and the accepted drafts

@@ -11,6 +11,7 @@ import torch
 from .batch import Batch, Sequence, StepEvent
 from .calibrate import measured_scheduler
 from .scheduler import Scheduler
+from .target import SamplingParams
 from ..model.load import LoadedModel
 from .tree import DraftTree, as_tree
 
@@ -74,6 +75,7 @@ def stream(
     two_step: bool = False,
     lookup: int | None = None,
     scheduler: Scheduler | None = None,
+    sampling: list[SamplingParams | None] | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Decode these sequences together; yield, per iteration, the tokens each row accepted.
 
@@ -84,7 +86,8 @@ def stream(
     ``Sequence.num_sat`` caps its own). num_sat = 0 with lookup = 0 is plain greedy decoding.
     two_step: the paper's iteration at a fixed k = num_sat (a draft pass, then a verify pass);
     draft_override and tree (a draft tree or its spec, e.g. "2,2,1,1,1", depth <= k) apply
-    to it only.
+    to it only. sampling: per sequence, its :class:`SamplingParams` (None: greedy); sampling
+    rows verify the same drafts (fused iteration only) and keep plain sampling's distribution.
     """
     if lookup is None:
         lookup = DEFAULT_LOOKUP if num_sat else 0
@@ -106,7 +109,7 @@ def stream(
         scheduler = default_scheduler(loaded)
     banned = loaded.sat.unique_ids if loaded.sat else []
     batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=_pad(loaded), scheduler=scheduler if drafting else None)
-    batch.add(sequences)
+    batch.add(sequences, sampling)
     while len(batch):
         if drafting:
             yield batch.scheduled_step(sat_ids, lookup)
@@ -124,9 +127,13 @@ def generate(
     two_step: bool = False,
     lookup: int | None = None,
     scheduler: Scheduler | None = None,
+    sampling: list[SamplingParams | None] | None = None,
 ) -> list[Sequence]:
     """Decode to the end and return the sequences (output_ids, finish_reason, stats)."""
-    for _ in stream(loaded, sequences, num_sat, draft_override, tree, two_step=two_step, lookup=lookup, scheduler=scheduler):
+    steps = stream(
+        loaded, sequences, num_sat, draft_override, tree, two_step=two_step, lookup=lookup, scheduler=scheduler, sampling=sampling
+    )
+    for _ in steps:
         pass
     return sequences
 

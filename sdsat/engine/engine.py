@@ -2,9 +2,9 @@
 
 Requests arrive through :meth:`Engine.generate` (an async iterator of :class:`Chunk`) from
 any event loop. One background thread (:mod:`sdsat.engine.loop`) owns the model: requests
-join its batches between steps and leave when finished or cancelled, greedy ones decode
-with the fused decoder, its drafts chosen per row by the scheduler, sampling ones with plain
-sampling. The engine is plain Python
+join its batch between steps and leave when finished or cancelled. Greedy and sampling
+requests share its passes: the fused decoder, its drafts chosen per row by the scheduler
+(sampling rows accept them by speculative sampling's exact rule). The engine is plain Python
 and torch; serving frameworks only wire it.
 """
 
@@ -19,14 +19,14 @@ from .types import MAX_LOGPROBS, Chunk, EngineConfig, EngineError, EngineOverloa
 from ..decode.generate import make_sequences
 from ..decode.scheduler import Scheduler
 from ..model.load import LoadedModel
-from ..decode.sampling import SamplingParams
+from ..decode.target import SamplingParams
 from .text_stream import TextStream
 
 __all__ = ["Chunk", "Engine", "EngineConfig", "EngineError", "EngineOverloaded", "Request", "StepMetrics"]
 
 
 class Engine:
-    """Batches the requests it holds into shared draft/verify (or sampling) steps.
+    """Batches the requests it holds into shared draft/verify steps.
 
     on_step(metrics) is called in the engine thread after every step. scheduler: the draft
     scheduler to use (default: one on pass costs measured at start-up, while serving). Call
@@ -144,9 +144,8 @@ class Engine:
         out = {
             "running": len(loop.running),
             "queued": queued,
-            "batch_size": len(loop.greedy) + len(loop.sampling),
-            "greedy_batch": len(loop.greedy),
-            "sampling_batch": len(loop.sampling),
+            "batch_size": len(loop.batch),
+            "sampling_rows": len(loop.batch.samplers),
             "width": loop.width,
             "drafting": loop.drafting,
             "num_sat": self.num_sat,

@@ -1,15 +1,15 @@
-"""The engine's decode loop: one thread that owns the model and its batches.
+"""The engine's decode loop: one thread that owns the model and its batch.
 
 Each turn of the loop:
 1. admit queued requests while fewer than ``max_batch_size`` rows run (prefill; they join);
 2. drop rows whose request was cancelled (they leave between steps);
-3. step the greedy batch (the fused decoder, its drafts chosen per row by the scheduler)
-   and the sampling batch, alternately;
+3. step the batch: the fused decoder, its drafts chosen per row by the scheduler; greedy
+   and sampling rows share its passes (sampling rows accept by speculative sampling's rule);
 4. hand each row's new tokens and text to its request's asyncio queue
    (``loop.call_soon_threadsafe``: no torch work ever runs on an event loop thread).
 
 Until the pass-cost curve is measured (:mod:`sdsat.decode.calibrate`, a few seconds), the
-greedy batch takes plain steps and one measuring pass runs per turn of the loop: no request
+batch takes plain steps and one measuring pass runs per turn of the loop: no request
 waits behind the measurement. An exception in a step fails that step's requests with
 :class:`EngineError`; the loop goes on with later requests.
 """
@@ -30,7 +30,7 @@ from ..decode.cost import PassCost
 from ..decode.scheduler import Scheduler
 from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
 from ..model.load import LoadedModel
-from ..decode.sampling import SamplingBatch, SamplingParams
+from ..decode.target import SamplingParams
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -167,16 +167,12 @@ class DecodeLoop:
         self.scheduler = scheduler  # None until the pass-cost curve is measured
         self.calibration: Calibration | None = None
         self.calibration_s: float | None = None  # seconds of measuring passes (None: not finished)
-        self.width = 1  # query tokens per row of the latest greedy pass
-        self.greedy = self._new_batch(Batch)
-        self.sampling = self._new_batch(SamplingBatch)
+        self.width = 1  # query tokens per row of the latest pass
+        self.batch = self._new_batch()
         self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
 
-    def _new_batch(self, kind: type[Batch]) -> Batch:
-        batch = kind(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id)
-        if kind is Batch:
-            batch.scheduler = self.scheduler
-        return batch
+    def _new_batch(self) -> Batch:
+        return Batch(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id, scheduler=self.scheduler)
 
     def run(self) -> None:
         while not self.inbox.should_stop():
@@ -184,13 +180,12 @@ class DecodeLoop:
                 self._admit()
                 self._apply_cancels()
                 measuring = self._measure()
-                if not len(self.greedy) and not len(self.sampling):
+                if not len(self.batch):
                     if not measuring:
                         self.inbox.wake.wait()
                         self.inbox.wake.clear()
                     continue
-                self._step(self.greedy)
-                self._step(self.sampling)
+                self._step(self.batch)
             except Exception as exc:  # a bug outside a step: fail what runs, keep the loop alive
                 log.exception("engine loop failed")
                 self._fail_rows([*self.running], exc)
@@ -208,7 +203,7 @@ class DecodeLoop:
             if not self.calibration.done:
                 return True
             self.scheduler = Scheduler(PassCost(self.calibration.curve()))
-            self.greedy.scheduler = self.scheduler
+            self.batch.scheduler = self.scheduler
             self.calibration_s = self.calibration.spent
             log.info("pass costs measured in %.1f s: %s", self.calibration_s, self.scheduler.cost.ratios())
         except Exception:
@@ -220,9 +215,7 @@ class DecodeLoop:
     # ---- joining and leaving -------------------------------------------------------------
 
     def _admit(self) -> None:
-        taken = self.inbox.take(self.config.max_batch_size - len(self.greedy) - len(self.sampling))
-        self._prefill(self.greedy, [a for a in taken if a.sampling is None])
-        self._prefill(self.sampling, [a for a in taken if a.sampling is not None])
+        self._prefill(self.batch, self.inbox.take(self.config.max_batch_size - len(self.batch)))
 
     def _prefill(self, batch: Batch, group: list[ActiveRequest]) -> None:
         """Let a group join a batch; if its prefill fails, retry one by one and fail only the culprits."""
@@ -230,10 +223,7 @@ class DecodeLoop:
             return
         sequences = [a.sequence for a in group]
         try:
-            if isinstance(batch, SamplingBatch):
-                batch.add(sequences, [a.sampling for a in group])
-            else:
-                batch.add(sequences)
+            batch.add(sequences, [a.sampling for a in group])
         except Exception as exc:
             if len(group) > 1:
                 for active in group:
@@ -249,11 +239,10 @@ class DecodeLoop:
         cancels = self.inbox.take_cancels()
         if not cancels:
             return
-        for batch in (self.greedy, self.sampling):
-            for seq in batch.cancel(set(cancels)):
-                active = self.running.pop(seq.seq_id)
-                self.inbox.count(cancelled=1)
-                self._end_cancelled(active, cancels[seq.seq_id])
+        for seq in self.batch.cancel(set(cancels)):
+            active = self.running.pop(seq.seq_id)
+            self.inbox.count(cancelled=1)
+            self._end_cancelled(active, cancels[seq.seq_id])
 
     def _end_cancelled(self, active: ActiveRequest, reason: str) -> None:
         """A last chunk (with any held-back text) if cancelled by id; nothing if its consumer left."""
@@ -267,8 +256,7 @@ class DecodeLoop:
     def _step(self, batch: Batch) -> None:
         if not len(batch):
             return
-        greedy = not isinstance(batch, SamplingBatch)
-        scheduled = greedy and batch.scheduler is not None and self.drafting
+        scheduled = batch.scheduler is not None and self.drafting
         size = len(batch)
         start = time.perf_counter()
         try:
@@ -279,8 +267,7 @@ class DecodeLoop:
             return
         step_s = time.perf_counter() - start
         plan = batch.last_plan if scheduled else None
-        if greedy:
-            self.width = plan.width if plan is not None else 1
+        self.width = plan.width if plan is not None else 1
         for event in events:
             self._deliver(event)
         self._report(StepMetrics(
@@ -290,8 +277,7 @@ class DecodeLoop:
             new_tokens=sum(len(e.new_ids) for e in events),
             drafts=batch.counts,
             queue_length=self.inbox.queued(),
-            mode="greedy" if greedy else "sampling",
-            width=self.width if greedy else 1,
+            width=self.width,
         ))
 
     def _report(self, metrics: StepMetrics) -> None:
@@ -347,16 +333,13 @@ class DecodeLoop:
     def _fail_rows(self, seq_ids: list[int], exc: Exception) -> None:
         """These rows' state is unknown: they leave and their requests fail. An emptied batch
         starts afresh (its cache may be half-written)."""
-        for batch in (self.greedy, self.sampling):
-            batch.cancel(set(seq_ids), reason="error")
+        self.batch.cancel(set(seq_ids), reason="error")
         for seq_id in seq_ids:
             active = self.running.pop(seq_id, None)
             if active is not None:
                 self._fail(active, EngineError(f"decoding failed: {exc!r}"))
-        if not len(self.greedy):
-            self.greedy = self._new_batch(Batch)
-        if not len(self.sampling):
-            self.sampling = self._new_batch(SamplingBatch)
+        if not len(self.batch):
+            self.batch = self._new_batch()
 
     def _fail(self, active: ActiveRequest, error: EngineError) -> None:
         self.inbox.count(failed=1)

@@ -16,7 +16,7 @@ MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (as vLLM)
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 16  # rows decoding together (greedy and sampling together)
+    max_batch_size: int = 16  # rows decoding together (greedy and sampling rows share the batch)
     num_sat: int | None = None  # SATs a row may draft with; None: the model's trained k (or all its SATs), 0 without SATs
     lookup: int = 16  # prompt-lookup trie nodes a row may offer per pass (0: none); the scheduler picks how many
     calibration_budget_s: float = 8.0  # start-up measurement of pass costs (0: never draft)
@@ -44,7 +44,7 @@ class Request:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     num_sat: int | None = None  # cap on k for this request; 0 = no drafting; None = the engine's
-    temperature: float = 0.0  # 0: greedy (SDSAT); > 0: sampling
+    temperature: float = 0.0  # 0: greedy; > 0: sampling (both verify SDSAT drafts)
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None  # N: each output token's log-probability and the top N (None: not asked)
@@ -80,7 +80,6 @@ class StepMetrics:
     new_tokens: int
     drafts: DraftCounts  # drafts verified and accepted, per source ("sat", "lookup") and position
     queue_length: int
-    mode: str = "greedy"  # "greedy" | "sampling": which batch stepped
     width: int = 1  # query tokens per row (1: a plain step)
 
 
