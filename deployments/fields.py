@@ -46,7 +46,6 @@ NEUTRAL = {
     "guided_json": _absent,
     "guided_regex": _absent,
     "guided_choice": _absent,
-    "top_k": lambda v: v is None or v in (0, -1),
     "min_p": lambda v: v is None or v == 0,
     "repetition_penalty": lambda v: v is None or v == 1,
     "min_tokens": lambda v: v is None or v == 0,

@@ -39,9 +39,12 @@ class GenerationParams(BaseModel):
         None, description="Most tokens to generate; 1 .. the server's limit (null: the server's default_max_tokens)."
     )
     temperature: float = Field(
-        0.0, ge=0.0, le=2.0, description="0: greedy decoding with SDSAT drafting (lossless); > 0: sampling."
+        0.0, ge=0.0, le=2.0, description="0: greedy decoding with SDSAT drafting (lossless); > 0: speculative sampling with the same drafts (exact distribution)."
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
+    top_k: int | None = Field(
+        None, ge=-1, description="Extension (as vLLM): sample from the k most likely tokens only (-1, 0 or absent: all)."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; generation stops before any of them.")
     seed: int | None = Field(
         None,
@@ -51,7 +54,7 @@ class GenerationParams(BaseModel):
     )
     n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Choices per prompt (prompts x n at most {MAX_CHOICES}).")
     presence_penalty: float = Field(
-        0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated (once per token), as OpenAI."
+        0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated (once per token), as OpenAI; applied in the target distribution drafts are verified against."
     )
     frequency_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Penalty on tokens already generated (per occurrence), as OpenAI."
@@ -86,6 +89,7 @@ class GenerationParams(BaseModel):
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
             "stop": list(self.stop or []),
             "seed": self.seed,
             "num_sat": self.num_sat,

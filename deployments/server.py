@@ -225,9 +225,6 @@ class SDSATServer:
                 raise RequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
         if not prompt_ids:
             raise RequestError("prompt is empty after tokenization", prompt_param)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if params.get(name):
-                raise RequestError(f"{name} is not supported yet (only 0): the sampler does not apply penalties", name)
         max_tokens = params.get("max_tokens")
         if max_tokens == 0:
             if not params.get("echo"):
@@ -259,6 +256,9 @@ class SDSATServer:
             temperature=params.get("temperature", 0.0),
             top_p=params.get("top_p", 1.0),
             seed=params.get("seed"),
+            top_k=max(0, params.get("top_k") or 0),
+            presence_penalty=params.get("presence_penalty") or 0.0,
+            frequency_penalty=params.get("frequency_penalty") or 0.0,
             logprobs=params.get("logprobs"),
             prompt_logprobs=params.get("logprobs") if params.get("echo") else None,
             request_id=params.get("request_id") or f"req-{time.monotonic_ns()}",

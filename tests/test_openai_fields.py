@@ -239,13 +239,29 @@ def test_max_completion_tokens_and_text_parts(served, oai):
     assert b.usage.completion_tokens == 5 or b.choices[0].finish_reason == "stop"
 
 
-def test_penalties_are_refused_until_the_sampler_applies_them(served, oai):
-    for name in ("presence_penalty", "frequency_penalty"):
-        with pytest.raises(openai.BadRequestError) as err:
-            oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=4, temperature=0.8, **{name: 0.5})
-        assert err.value.body["param"] == name and "not supported" in err.value.body["message"]
-        ok = oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=4, **{name: 0.0})
-        assert ok.usage.completion_tokens > 0
+def plain_sampled_ids(loaded, prompt_ids: list[int], n: int, params) -> list[int]:
+    """Plain decoding (no drafts) of the checkpoint in this process with these sampling params."""
+    return generate(loaded, make_sequences(loaded, [prompt_ids], n), num_sat=0, sampling=[params])[0].output_ids
+
+
+def test_penalties_and_top_k_shape_the_target_distribution(served, oai):
+    """Penalties apply to greedy and sampled requests (the drafts are verified against the
+    penalised distribution); top_k=1 at any temperature is greedy. Each equals plain decoding
+    in this process with the same parameters (fp32: exactly)."""
+    from sdsat.decode.target import SamplingParams
+
+    loaded = served["loaded"]
+    ids = encode(loaded, PROMPT)
+    unpenalised = greedy_ids(loaded, ids, 24)
+    for temperature, seed in ((0.0, None), (0.8, 5)):
+        for name in ("presence_penalty", "frequency_penalty"):
+            out = oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=24, temperature=temperature, seed=seed, **{name: 1.5})
+            want = plain_sampled_ids(loaded, ids, 24, SamplingParams(temperature, 1.0, seed, **{name: 1.5}))
+            assert out.choices[0].text == loaded.tokenizer.decode(want, skip_special_tokens=True)
+            if temperature == 0:
+                assert want != unpenalised  # the penalty changed the greedy answer
+    top1 = oai.completions.create(model=TINY, prompt=PROMPT, max_tokens=24, temperature=0.9, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].text == loaded.tokenizer.decode(unpenalised, skip_special_tokens=True)
 
 
 # ---- every new field, streamed and not, greedy and sampled ----------------------------------
@@ -330,7 +346,6 @@ def test_neutral_values_of_unsupported_fields_are_accepted(served, oai):
         ("completions", "logit_bias", {"42": 5}),
         ("completions", "best_of", 3),
         ("completions", "suffix", "end"),
-        ("completions", "top_k", 5),
     ],
 )
 def test_result_changing_unsupported_fields_are_400(served, route, field, value):

@@ -114,9 +114,12 @@ class Engine:
 
     def _submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> ActiveRequest:
         self.validate(request)
-        sampling = None
-        if request.temperature > 0:
-            sampling = SamplingParams(request.temperature, request.top_p, request.seed)
+        sampling = None  # greedy: the argmax of the raw logits
+        if request.temperature > 0 or request.presence_penalty or request.frequency_penalty:
+            sampling = SamplingParams(
+                request.temperature, request.top_p, request.seed, request.top_k,
+                request.presence_penalty, request.frequency_penalty,
+            )
         seq = make_sequences(self.loaded, [list(request.prompt_ids)], request.max_new_tokens, stop=request.stop)[0]
         seq.num_sat = request.num_sat
         seq.logprobs, seq.prompt_logprobs = request.logprobs, request.prompt_logprobs

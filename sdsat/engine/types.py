@@ -47,6 +47,9 @@ class Request:
     temperature: float = 0.0  # 0: greedy; > 0: sampling (both verify SDSAT drafts)
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # keep the k most likely tokens when sampling (0: all)
+    presence_penalty: float = 0.0  # OpenAI's penalties over the tokens generated so far
+    frequency_penalty: float = 0.0
     logprobs: int | None = None  # N: each output token's log-probability and the top N (None: not asked)
     prompt_logprobs: int | None = None  # N: the same for the prompt's tokens, from the prefill
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
