@@ -120,8 +120,12 @@ def test_sat_estimates_count_what_lookup_did_not_already_get():
     acc = scheduler.acceptance
     # SAT chain right at depths 1-2; a lookup node right at depth 1: only depth 2 counts as SAT gain
     acc.observe_sat([1, 2, 9], [1, 2, 3], {1}, True)
-    assert acc.sat.hits[(1, True)] < acc.sat.hits[(2, True)]
+    assert acc.sat.hits[(False, 1, True)] < acc.sat.hits[(False, 2, True)]
     assert acc.sat_p(3, True) < acc.sat_p(2, True)
+    # sampled rows are counted apart from greedy ones
+    greedy_before = acc.lookup_p(100.0)
+    acc.observe_lookup([100.0] * 20, [False] * 20, sampled=True)
+    assert acc.lookup_p(100.0, sampled=True) < 0.1 and acc.lookup_p(100.0) == greedy_before
 
 
 def test_node_truth_and_score_buckets():

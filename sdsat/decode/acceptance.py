@@ -75,25 +75,30 @@ class Rates:
 
 @dataclass
 class Acceptance:
-    lookup: Rates = field(default_factory=Rates)  # score bucket -> P(right)
-    sat: Rates = field(default_factory=Rates)  # (depth, row had lookup drafts) -> P(right where lookup was not)
+    """Greedy and sampled rows are counted apart (``sampled``): a draw matches a draft less
+    often than the argmax does."""
 
-    def lookup_p(self, score: float) -> float:
-        return self.lookup.rate(score_bucket(score))
+    lookup: Rates = field(default_factory=Rates)  # (sampled, score bucket) -> P(right)
+    sat: Rates = field(default_factory=Rates)  # (sampled, depth, row had lookup drafts) -> P(right where lookup was not)
 
-    def sat_p(self, depth: int, with_lookup: bool) -> float:
-        return self.sat.rate((depth, with_lookup))
+    def lookup_p(self, score: float, sampled: bool = False) -> float:
+        return self.lookup.rate((sampled, score_bucket(score)))
 
-    def observe_lookup(self, scores: list[float], right: list[bool | None]) -> None:
+    def sat_p(self, depth: int, with_lookup: bool, sampled: bool = False) -> float:
+        return self.sat.rate((sampled, depth, with_lookup))
+
+    def observe_lookup(self, scores: list[float], right: list[bool | None], sampled: bool = False) -> None:
         for score, r in zip(scores, right):
             if r is not None:
-                self.lookup.add(score_bucket(score), r)
+                self.lookup.add((sampled, score_bucket(score)), r)
 
-    def observe_sat(self, drafts: list[int], truth: list[int], lookup_right_depths: set[int], with_lookup: bool) -> None:
+    def observe_sat(
+        self, drafts: list[int], truth: list[int], lookup_right_depths: set[int], with_lookup: bool, sampled: bool = False
+    ) -> None:
         """A verified SAT chain against the emitted tokens (``truth``: accepted drafts and the
         bonus, so every chain node is decided)."""
         for depth, right in enumerate(node_truth(drafts, list(range(-1, len(drafts) - 1)), truth), 1):
-            self.sat.add((depth, with_lookup), bool(right) and depth not in lookup_right_depths)
+            self.sat.add((sampled, depth, with_lookup), bool(right) and depth not in lookup_right_depths)
 
     def snapshot(self) -> dict:
         return {"lookup_by_score_bucket": self.lookup.snapshot(), "sat_by_depth_with_lookup": self.sat.snapshot()}

@@ -254,7 +254,8 @@ class Batch:
         if room <= 0:
             return RowCandidates()
         trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
-        return RowCandidates(self.pending.get(seq.seq_id, [])[: min(cap, room)], trie, min(cap, room))
+        pending = self.pending.get(seq.seq_id, [])[: min(cap, room)]
+        return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers)
 
     def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float, tap: LogprobTap | None = None) -> list[StepEvent]:
         """Stats, logprobs and stopping rules for a step's emitted tokens; finished rows leave."""

@@ -53,6 +53,7 @@ class RowCandidates:
     lookup: Trie = field(default_factory=Trie)
     block: int = 0  # SAT positions this row may run (its request's num_sat)
     drafting: bool = True  # False: this row verifies no drafts (its request asked for plain decoding)
+    sampled: bool = False  # the row samples: its acceptance is estimated apart from greedy rows'
 
 
 @dataclass
@@ -98,6 +99,7 @@ class _Watch:
 
     trie: Trie
     depth: int
+    sampled: bool
     truth: list[int] = field(default_factory=list)
 
 
@@ -134,12 +136,12 @@ class Scheduler:
         """(value, source) of the row's candidates, best first (within a source, in order)."""
         if not row.drafting:
             return []
-        with_lookup = bool(row.lookup.tokens)
+        with_lookup, kind, acc = bool(row.lookup.tokens), row.sampled, self.acceptance
         items = []
         for source, vals in (
-            (PENDING, [self.acceptance.sat_p(d, with_lookup) for d in range(1, len(row.pending) + 1)]),
-            (LOOKUP, [self.acceptance.lookup_p(s) for s in row.lookup.scores]),
-            (BLOCK, [0.5 * self.acceptance.sat_p(d, with_lookup) for d in range(1, row.block + 1)]),
+            (PENDING, [acc.sat_p(d, with_lookup, kind) for d in range(1, len(row.pending) + 1)]),
+            (LOOKUP, [acc.lookup_p(s, kind) for s in row.lookup.scores]),
+            (BLOCK, [0.5 * acc.sat_p(d, with_lookup, kind) for d in range(1, row.block + 1)]),
         ):
             low = float("inf")
             for v in vals:  # a node is never worth more than the ones it follows
@@ -263,9 +265,9 @@ class Scheduler:
             if rp.pending:
                 offered = node_truth(trie.tokens[: rp.lookup], trie.parents[: rp.lookup], out)
                 right = {d for d, r in zip(depths(trie.parents[: rp.lookup]), offered) if r}
-                self.acceptance.observe_sat(row.pending[: rp.pending], out, right, bool(trie.tokens))
+                self.acceptance.observe_sat(row.pending[: rp.pending], out, right, bool(trie.tokens), row.sampled)
             if trie.tokens:
-                self.watches.setdefault(seq_id, []).append(_Watch(trie, max(depths(trie.parents))))
+                self.watches.setdefault(seq_id, []).append(_Watch(trie, max(depths(trie.parents)), row.sampled))
             self._advance(seq_id, out)
 
     def _advance(self, seq_id: int, tokens: list[int]) -> None:
@@ -282,7 +284,7 @@ class Scheduler:
         self.watches[seq_id] = waiting
 
     def _score(self, w: _Watch) -> None:
-        self.acceptance.observe_lookup(w.trie.scores, node_truth(w.trie.tokens, w.trie.parents, w.truth))
+        self.acceptance.observe_lookup(w.trie.scores, node_truth(w.trie.tokens, w.trie.parents, w.truth), w.sampled)
 
     def forget(self, seq_id: int) -> None:
         """A row left: score what its open tries can tell."""
