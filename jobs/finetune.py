@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `jobs.*` for this driver and its Ray workers
-
-from jobs.finetune_config import FinetuneConfig, parse_args  # noqa: E402
-from jobs.finetune_data import Plan, prepare  # noqa: E402
+from jobs.finetune_config import parse_args
+from sdsat.training.plan import prepare
 
 log = logging.getLogger("sdsat.finetune")
 
@@ -27,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         cfg, args = parse_args(argv)
-        plan = prepare(cfg)
+        cfg.name = cfg.run_name()
+        plan = prepare(cfg.model_dump())
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -38,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ray.train import TrainingFailedError
 
+    from jobs.finetune_ray import fit
+
     try:
-        result = run(cfg, plan)
+        result = fit(cfg, plan)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,56 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fine-tuned model exported to {plan.export_dir}")
     print(f"checkpoints: {plan.run_dir}")
     return 0
-
-
-def run(cfg: FinetuneConfig, plan: Plan):
-    """Start Ray (or join the cluster of `ray job submit` / RAY_ADDRESS) and fit."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from jobs.train_loop import train_func
-
-    if not ray.is_initialized():
-        ray.init()
-    check_resources(cfg, ray.cluster_resources())
-    rows = plan.train_rows
-    if cfg.distill_max_new_tokens:
-        from jobs.distill import distill_rows
-
-        rows = distill_rows(cfg, rows)
-    loop_config = {
-        "cfg": cfg.model_dump(),
-        "train_rows": ray.put(rows),
-        "val_rows": ray.put(plan.val_rows) if plan.val_rows is not None else None,
-        "resume_from": plan.resume_from,
-        "export_dir": str(plan.export_dir),
-        "run_dir": str(plan.run_dir),  # searched for checkpoints on restart (local storage)
-    }
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=plan.run_name,
-            storage_path=str(Path(cfg.storage_path).expanduser()) if "://" not in cfg.storage_path else cfg.storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-    )
-    return trainer.fit()
-
-
-def check_resources(cfg: FinetuneConfig, available: dict) -> None:
-    """Refuse a worker group the cluster can never place (it would wait forever)."""
-    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker} | ({"GPU": cfg.num_workers} if cfg.use_gpu else {})
-    for resource, amount in need.items():
-        if available.get(resource, 0) < amount:
-            raise ValueError(
-                f"{cfg.num_workers} workers need {amount:g} {resource} but the cluster has {available.get(resource, 0):g}: "
-                "lower num_workers / cpus_per_worker or use a bigger cluster"
-            )
 
 
 if __name__ == "__main__":

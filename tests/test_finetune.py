@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.finetune import main
-from jobs.train_checkpoint import checkpoint_dirs, is_complete, read_state
-from jobs.train_setup import make_scheduler, select_trainable
+from sdsat.training.checkpoint import checkpoint_dirs, is_complete, read_state
+from sdsat.training.setup import make_scheduler, select_trainable
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.model.load import load_model
 from tests.conftest import tiny_model

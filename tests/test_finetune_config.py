@@ -9,9 +9,10 @@ import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from jobs.finetune import check_resources, main
+from jobs.finetune import main
 from jobs.finetune_config import FinetuneConfig, build_parser, load_config, parse_args
-from jobs.finetune_data import prepare
+from jobs.finetune_ray import check_resources
+from sdsat.training.plan import prepare
 from sdsat.model.load import LoadedModel, save_model
 from sdsat.model.sat import SATConfig
 from tests.conftest import tiny_model
@@ -88,8 +89,8 @@ def test_shipped_configs_load():
 
 
 def _cfg(model, **overrides):
-    base = dict(model=model, num_sat=4, row_len=32, max_texts=4, eval_every=0)
-    return load_config(overrides=base | overrides)
+    base = dict(model=model, num_sat=4, row_len=32, max_texts=4, eval_every=0, name="run")
+    return load_config(overrides=base | overrides).model_dump()
 
 
 def test_prepare_packs_rows_and_checks_model(tiny_ckpt, tmp_path):
@@ -160,10 +161,14 @@ def test_no_arguments_run_the_default_recipe():
 def test_distill_cache_is_read_instead_of_generating(tmp_path):
     import numpy as np
 
-    from jobs.distill import distill_rows
+    from sdsat.training.distill import distill_rows
 
     cache = tmp_path / "distilled.json"
     cache.write_text(json.dumps([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10], list(range(20))]))
-    cfg = load_config(overrides={"num_sat": 5, "distill_max_new_tokens": 16, "distill_cache": str(cache)})
-    rows = distill_rows(cfg, np.zeros((4, 32), dtype=np.int32))  # no Ray needed: nothing is generated
+    cfg = load_config(overrides={"num_sat": 5, "distill_max_new_tokens": 16, "distill_cache": str(cache)}).model_dump()
+
+    def never(parts):
+        raise AssertionError("the cache should have been read")
+
+    rows = distill_rows(cfg, np.zeros((4, 32), dtype=np.int32), never)
     assert [r.tolist() for r in rows] == [[1, 2, 3, 4, 5, 6, 7, 8], list(range(20))]  # [9, 10] is too short

@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from sdsat.model.adapter import get_adapter
-from sdsat.model.load import LoadedModel, parse_dtype, save_artifact, save_model
+from ..model.adapter import get_adapter
+from ..model.load import LoadedModel, parse_dtype, save_artifact, save_model
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def export(module, loaded: LoadedModel, cfg: dict, directory: Path, rank: int, s
         return None
     model = loaded.model
     if sharded:  # the training model holds shards: fill a fresh replica with the gathered weights
-        from jobs.train_setup import build_model
+        from .setup import build_model
 
         fresh = build_model(cfg)
         fresh.model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()})
@@ -153,13 +153,13 @@ def export(module, loaded: LoadedModel, cfg: dict, directory: Path, rank: int, s
 
 def _fresh_base_with(loaded: LoadedModel, cfg: dict):
     """The base model as loaded (fp32, never cast for training) with the trained adapter's weights."""
-    from jobs.train_setup import build_model
+    from .setup import build_model
 
     trained = get_adapter(loaded.model)
     fresh = build_model(cfg).model
     adapter = get_adapter(fresh)
     if adapter is None:
-        from sdsat.model.adapter import attach_adapter
+        from ..model.adapter import attach_adapter
 
         adapter = attach_adapter(fresh, loaded.sat.sat_ids, trained.cfg)
     adapter.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})

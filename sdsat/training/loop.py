@@ -1,10 +1,10 @@
-"""The per-worker training function of jobs/finetune.py, run by Ray Train on every rank.
+"""The training loop of one rank (no Ray here: jobs/finetune_ray.py runs it under Ray Train).
 
 1. model with SATs, what trains, DDP/FSDP wrapper, optimizer, schedule;
-2. data: packed token rows (from the object store) turned into SAT-augmented rows;
+2. data: packed token rows turned into SAT-augmented rows;
 3. restore the latest checkpoint (after a failure, or of an earlier run);
 4. loop: micro-batches with gradient accumulation, metrics and a progress line every
-   step, validation and checkpoints at intervals;
+   step, validation and checkpoints at intervals (handed to the runner's ``report``);
 5. export a plain Hugging Face checkpoint.
 """
 
@@ -15,21 +15,19 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from jobs.train_checkpoint import export, latest_complete, load_checkpoint, read_state, save_checkpoint
-from jobs.train_setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
-from sdsat.training.frozen_loss import collate_two_pass
-from sdsat.training.rows import RowConfig, build_row, collate
+from .checkpoint import export, latest_complete, load_checkpoint, read_state, save_checkpoint
+from .frozen_loss import collate_two_pass
+from .rows import RowConfig, build_row, collate
+from .setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
 
 log = logging.getLogger("sdsat.finetune")
 
@@ -87,61 +85,101 @@ class MetricSums:
         return out
 
 
-def train_func(config: dict) -> None:
-    cfg = config["cfg"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _setup_logging(rank)
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg["seed"] + rank)
+@dataclass
+class Worker:
+    """Where this copy of the loop runs: its rank among world ranks, and its device."""
 
-    # 1. Model, SATs, what trains, wrapper, optimizer, schedule.
-    loaded = build_model(cfg)
-    k = cfg["num_sat"]
-    sat_ids = loaded.sat.ids_for(k)
-    options = select_trainable(loaded.model, sat_ids, cfg)
-    module = wrap(LossModule(loaded.model, loss_config(cfg, loaded.sat.unique_ids)), cfg, device, world)
-    module.train()
-    optimizer = make_optimizer(module, options, device)
-    scheduler = make_scheduler(optimizer, cfg)
+    rank: int
+    world: int
+    device: torch.device
 
-    # 2. Data.
-    row_cfg = RowConfig(k, cfg["poisson_lambda"], cfg["max_blocks"], cfg["variable_length"], cfg["seed"])
-    train_rows = RowStream(ray.get(config["train_rows"]), sat_ids, row_cfg, cfg["seed"])
-    val_rows = RowStream(ray.get(config["val_rows"]), sat_ids, row_cfg, cfg["seed"], salt=1) if config["val_rows"] else None
-    pad_id = loaded.tokenizer.pad_token_id or 0
 
-    # 3. Restore.
-    state = {"step": 0, "samples": 0, "train_s": 0.0}
-    restored = _restore(config, module, optimizer, scheduler, rank)
-    if restored:
-        state = {key: restored[key] for key in state}
-        log.info("resumed at step %d (%d samples seen)", state["step"], state["samples"])
+# report(metrics, write_checkpoint): hand the step's metrics to the runner; write_checkpoint
+# (None on steps without one) writes this rank's part of a checkpoint into a directory.
+Report = Callable[[dict, Optional[Callable[[Path], None]]], None]
 
-    # 4. Loop.
-    step_args = (module, optimizer, scheduler, train_rows, cfg, rank, world, device, pad_id)
-    while state["step"] < cfg["max_steps"]:
-        metrics = train_step(*step_args, state)
-        step = state["step"]
-        if cfg["fail_at_step"] == step and not restored and rank == world - 1:
-            log.error("fail_at_step=%d: this worker exits now (testing recovery)", step)
-            os._exit(1)
-        stop = _time_is_up(state, cfg)
-        if val_rows is not None and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or step == cfg["max_steps"] or stop):
-            metrics.update(evaluate(module, val_rows, cfg, rank, world, device, pad_id))
-        if rank == 0:
-            log.info(progress_line(metrics, cfg["max_steps"]))
-        checkpoint_now = step % cfg["checkpoint_every"] == 0 or step == cfg["max_steps"] or stop
-        _report(metrics, state, module, optimizer, scheduler, cfg, rank, checkpoint_now)
-        if stop:
-            log.info("max_minutes=%s reached after step %d: stopping", cfg["max_minutes"], step)
-            break
 
-    # 5. Export.
-    module.eval()
-    path = export(module, loaded, cfg, Path(config["export_dir"]), rank, sharded=cfg["strategy"] == "fsdp" and world > 1)
-    if path is not None:
-        log.info("export: %s", path)
+class Trainer:
+    """One rank of a fine-tuning run (config: the dict jobs/finetune_ray.py hands each worker)."""
+
+    def __init__(self, config: dict, worker: Worker, train_rows, val_rows):
+        cfg = self.cfg = config["cfg"]
+        self.config, self.worker = config, worker
+        torch.manual_seed(cfg["seed"] + worker.rank)
+
+        # 1. Model, SATs, what trains, wrapper, optimizer, schedule.
+        self.loaded = build_model(cfg)
+        k = cfg["num_sat"]
+        sat_ids = self.loaded.sat.ids_for(k)
+        options = select_trainable(self.loaded.model, sat_ids, cfg)
+        self.module = wrap(LossModule(self.loaded.model, loss_config(cfg, self.loaded.sat.unique_ids)), cfg, worker.device, worker.world)
+        self.module.train()
+        self.optimizer = make_optimizer(self.module, options, worker.device)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+
+        # 2. Data.
+        row_cfg = RowConfig(k, cfg["poisson_lambda"], cfg["max_blocks"], cfg["variable_length"], cfg["seed"])
+        self.train_rows = RowStream(train_rows, sat_ids, row_cfg, cfg["seed"])
+        self.val_rows = RowStream(val_rows, sat_ids, row_cfg, cfg["seed"], salt=1) if val_rows is not None else None
+        self.pad_id = self.loaded.tokenizer.pad_token_id or 0
+        self.state = {"step": 0, "samples": 0, "train_s": 0.0}
+        self.restored = False
+
+    def restore(self, given: Path | None) -> None:
+        """3. Continue from this run's latest checkpoint (``given``: the one the runner
+        registered, after a failure or on a re-run of the same name), else ``resume_from``.
+
+        A checkpoint persisted just before a worker died may not be registered yet, so on
+        local storage the run directory is searched too and the newer complete one wins.
+        """
+        run_dir = Path(self.config["run_dir"])
+        on_disk = latest_complete(run_dir) if run_dir.is_dir() else None
+        if given is not None and (on_disk is None or read_state(given)["step"] >= read_state(on_disk)["step"]):
+            chosen = given
+        elif on_disk is not None:
+            chosen = on_disk
+        elif self.config.get("resume_from"):
+            chosen = Path(self.config["resume_from"])
+        else:
+            return
+        restored = load_checkpoint(chosen, self.module, self.optimizer, self.scheduler, self.worker.rank)
+        self.state = {key: restored[key] for key in self.state}
+        self.restored = True
+        log.info("resumed at step %d (%d samples seen)", self.state["step"], self.state["samples"])
+
+    def fit(self, report: Report) -> None:
+        """4. Steps until max_steps (or max_minutes), with validation and checkpoints."""
+        cfg, rank, world = self.cfg, self.worker.rank, self.worker.world
+        while self.state["step"] < cfg["max_steps"]:
+            metrics = train_step(self.module, self.optimizer, self.scheduler, self.train_rows, cfg, rank, world,
+                                 self.worker.device, self.pad_id, self.state)
+            step = self.state["step"]
+            if cfg["fail_at_step"] == step and not self.restored and rank == world - 1:
+                log.error("fail_at_step=%d: this worker exits now (testing recovery)", step)
+                os._exit(1)
+            stop = _time_is_up(self.state, cfg)
+            last = step == cfg["max_steps"] or stop
+            if self.val_rows is not None and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last):
+                metrics.update(evaluate(self.module, self.val_rows, cfg, rank, world, self.worker.device, self.pad_id))
+            if rank == 0:
+                log.info(progress_line(metrics, cfg["max_steps"]))
+            write = None
+            if step % cfg["checkpoint_every"] == 0 or last:
+                state = dict(self.state, metrics=metrics, config=cfg)
+                write = lambda directory: save_checkpoint(directory, self.module, self.optimizer, self.scheduler, state, rank)  # noqa: E731
+            report(metrics, write)
+            if stop:
+                log.info("max_minutes=%s reached after step %d: stopping", cfg["max_minutes"], step)
+                break
+
+    def export(self) -> Path | None:
+        """5. A plain Hugging Face checkpoint (or artifact) in export_dir; its path on rank 0."""
+        self.module.eval()
+        sharded = self.cfg["strategy"] == "fsdp" and self.worker.world > 1
+        path = export(self.module, self.loaded, self.cfg, Path(self.config["export_dir"]), self.worker.rank, sharded=sharded)
+        if path is not None:
+            log.info("export: %s", path)
+        return path
 
 
 def train_step(module, optimizer, scheduler, rows: RowStream, cfg, rank, world, device, pad_id, state) -> dict:
@@ -212,38 +250,6 @@ def progress_line(m: dict, max_steps: int) -> str:
     return line
 
 
-def _report(metrics, state, module, optimizer, scheduler, cfg, rank, checkpoint_now: bool) -> None:
-    if not checkpoint_now:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), module, optimizer, scheduler, dict(state, metrics=metrics, config=cfg), rank)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state['step']:06d}")
-
-
-def _restore(config: dict, module, optimizer, scheduler, rank) -> dict | None:
-    """This run's latest checkpoint (after a failure or on a re-run of the same name),
-    else ``resume_from`` (an earlier run), else None.
-
-    Ray hands over the latest checkpoint its controller registered; one persisted just
-    before a worker died may not be registered yet, so on local storage the run directory
-    is searched too and the newer complete checkpoint wins.
-    """
-    run_dir = Path(config["run_dir"])
-    on_disk = latest_complete(run_dir) if run_dir.is_dir() else None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            if on_disk is None or read_state(Path(directory))["step"] >= read_state(on_disk)["step"]:
-                return load_checkpoint(Path(directory), module, optimizer, scheduler, rank)
-    if on_disk is not None:
-        return load_checkpoint(on_disk, module, optimizer, scheduler, rank)
-    if config.get("resume_from"):
-        return load_checkpoint(Path(config["resume_from"]), module, optimizer, scheduler, rank)
-    return None
-
-
 def _time_is_up(state: dict, cfg: dict) -> bool:
     """Same answer on every rank (rank 0's clock decides)."""
     if not cfg["max_minutes"]:
@@ -268,17 +274,3 @@ def _no_sync(module, last: bool):
 
 def _autocast(cfg: dict, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
-
-
-def _setup_logging(rank: int) -> None:
-    logger = logging.getLogger("sdsat")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-report INFO lines
-    jobs_logger = logging.getLogger("jobs")
-    jobs_logger.handlers, jobs_logger.propagate = logger.handlers, False
-    jobs_logger.setLevel(logging.INFO)

@@ -1,5 +1,8 @@
 """Driver-side preparation of a fine-tuning run: everything that can refuse a bad config
-is checked here, before any Ray worker starts (model, SAT count, data, resume, export)."""
+is checked here, before any worker starts (model, SAT count, data, resume, export).
+
+``cfg`` is the run's configuration as a plain dict (``FinetuneConfig.model_dump()`` of
+jobs/finetune_config.py, with ``name`` set)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.finetune_config import FinetuneConfig
-from jobs.train_checkpoint import find_checkpoint, read_state
-from sdsat.training.data import load_texts, pack
-from sdsat.model.load import resolve_path
-from sdsat.model.sat import CONFIG_FILE, SATConfig
+from ..model.load import resolve_path
+from ..model.sat import CONFIG_FILE, SATConfig
+from .checkpoint import find_checkpoint, read_state
+from .data import load_texts, pack
 
 log = logging.getLogger(__name__)
 
@@ -29,45 +31,45 @@ class Plan:
     model_sats: int  # SATs the base model already has (0: they are added)
 
 
-def prepare(cfg: FinetuneConfig) -> Plan:
+def prepare(cfg: dict) -> Plan:
     tokenizer, model_sats = check_model(cfg)
     train_rows = packed_rows(cfg, tokenizer, "train")
-    val_rows = packed_rows(cfg, tokenizer, "validation") if cfg.eval_every else None
-    name = cfg.run_name()
-    run_dir = Path(cfg.storage_path).expanduser() / name
+    val_rows = packed_rows(cfg, tokenizer, "validation") if cfg["eval_every"] else None
+    name = cfg["name"]
+    run_dir = Path(cfg["storage_path"]).expanduser() / name
     # Absolute: Ray Train workers run in their own working directory.
-    export_dir = Path(cfg.export_dir).expanduser().resolve() if cfg.export_dir else run_dir / "export"
+    export_dir = Path(cfg["export_dir"]).expanduser().resolve() if cfg["export_dir"] else run_dir / "export"
     check_export_dir(export_dir)
-    resume = str(check_resume(cfg)) if cfg.resume_from else None
+    resume = str(check_resume(cfg)) if cfg["resume_from"] else None
     return Plan(name, run_dir, export_dir, train_rows, val_rows, resume, model_sats)
 
 
-def check_model(cfg: FinetuneConfig):
+def check_model(cfg: dict):
     """The base model's tokenizer and SAT count; refuses an unknown model or k beyond its SATs."""
     from transformers import AutoTokenizer
 
     try:
-        path = resolve_path(cfg.model)
+        path = resolve_path(cfg["model"])
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"model={cfg.model!r}: cannot load it ({exc})") from None
+        raise ValueError(f"model={cfg['model']!r}: cannot load it ({exc})") from None
     sat = SATConfig.load(path) if Path(path).is_dir() else None
-    if sat is not None and cfg.num_sat > sat.num_sat:
-        raise ValueError(f"num_sat={cfg.num_sat} is larger than the {sat.num_sat} SATs of model {cfg.model!r}")
+    if sat is not None and cfg["num_sat"] > sat.num_sat:
+        raise ValueError(f"num_sat={cfg['num_sat']} is larger than the {sat.num_sat} SATs of model {cfg['model']!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, sat.num_sat if sat else 0
 
 
-def packed_rows(cfg: FinetuneConfig, tokenizer, split: str) -> np.ndarray:
+def packed_rows(cfg: dict, tokenizer, split: str) -> np.ndarray:
     """Token rows of row_len; ValueError for an unknown dataset or an empty/too small corpus."""
-    texts = load_texts(cfg.dataset, split, text_field=cfg.text_field, chat=cfg.chat, tokenizer=tokenizer, limit=cfg.max_texts)
+    texts = load_texts(cfg["dataset"], split, text_field=cfg["text_field"], chat=cfg["chat"], tokenizer=tokenizer, limit=cfg["max_texts"])
     try:
-        ds = pack(texts, tokenizer, cfg.row_len)
+        ds = pack(texts, tokenizer, cfg["row_len"])
     except ValueError as exc:
-        raise ValueError(f"dataset={cfg.dataset!r} ({split}): {exc}") from None
+        raise ValueError(f"dataset={cfg['dataset']!r} ({split}): {exc}") from None
     rows = np.asarray(ds.with_format("numpy")["input_ids"], dtype=np.int32)
-    log.info("%s: %d texts -> %d rows of %d tokens", split, len(texts), len(rows), cfg.row_len)
+    log.info("%s: %d texts -> %d rows of %d tokens", split, len(texts), len(rows), cfg["row_len"])
     return rows
 
 
@@ -77,10 +79,10 @@ def check_export_dir(export_dir: Path) -> None:
         raise ValueError(f"export_dir {export_dir} exists and is not an SDSAT export: choose another directory")
 
 
-def check_resume(cfg: FinetuneConfig) -> Path:
-    checkpoint = find_checkpoint(cfg.resume_from)
+def check_resume(cfg: dict) -> Path:
+    checkpoint = find_checkpoint(cfg["resume_from"])
     saved = read_state(checkpoint)["config"]
     for field in ("model", "num_sat", "train", "sat_repeated"):
-        if saved.get(field) != getattr(cfg, field):
-            raise ValueError(f"resume_from {checkpoint}: it was trained with {field}={saved.get(field)!r}, this run has {getattr(cfg, field)!r}")
+        if saved.get(field) != cfg[field]:
+            raise ValueError(f"resume_from {checkpoint}: it was trained with {field}={saved.get(field)!r}, this run has {cfg[field]!r}")
     return checkpoint

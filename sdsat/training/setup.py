@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from sdsat.model.adapter import AdapterConfig, attach_adapter, get_adapter
-from sdsat.training.frozen_loss import FrozenLossConfig, frozen_loss
-from sdsat.training.loss import LossConfig, sdsat_loss
-from sdsat.model.load import LoadedModel, load_model
-from sdsat.model.sat import add_sat_tokens
+from ..model.adapter import AdapterConfig, attach_adapter, get_adapter
+from ..model.load import LoadedModel, load_model
+from ..model.sat import add_sat_tokens
+from .frozen_loss import FrozenLossConfig, frozen_loss
+from .loss import LossConfig, sdsat_loss
 
 log = logging.getLogger(__name__)
 
