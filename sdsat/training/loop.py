@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import export, latest_complete, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import latest_complete, load_checkpoint, read_state, save_checkpoint
+from .export import export
 from .frozen_loss import collate_two_pass
 from .rows import RowConfig, build_row, collate
 from .setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
@@ -166,7 +167,7 @@ class Trainer:
             write = None
             if step % cfg["checkpoint_every"] == 0 or last:
                 state = dict(self.state, metrics=metrics, config=cfg)
-                write = lambda directory: save_checkpoint(directory, self.module, self.optimizer, self.scheduler, state, rank)  # noqa: E731
+                write = lambda directory: save_checkpoint(directory, self.module, self.optimizer, self.scheduler, state, rank, world)  # noqa: E731
             report(metrics, write)
             if stop:
                 log.info("max_minutes=%s reached after step %d: stopping", cfg["max_minutes"], step)
