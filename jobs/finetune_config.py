@@ -40,7 +40,8 @@ class FinetuneConfig(BaseModel):
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel of the Hugging Face model.")
 
     # --- data ---
-    dataset: str = Field("stdlib", description="Training text: 'stdlib' (the interpreter's standard library source), a local .jsonl/.parquet/.txt file or directory, or a Hugging Face dataset id.")
+    dataset: str = Field("stdlib", description="Training text: 'stdlib' (the interpreter's standard library source), a local .jsonl/.parquet/.txt file or directory, or a Hugging Face dataset id (name or name:config).")
+    data_dir: Optional[str] = Field(None, description="With a Hugging Face dataset: the folder of its repository to read (load_dataset's data_dir), e.g. data/python. Gated datasets read the token in HF_TOKEN.")
     text_field: str = Field("text", description="Column holding the text in JSONL/parquet/HF datasets.")
     chat: bool = Field(False, description="Format records with the tokenizer's chat template (instruction data with a 'messages' column).")
     max_texts: Optional[int] = Field(None, ge=1, description="Use at most this many documents per split (null: all).")

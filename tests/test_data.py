@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from sdsat.training.data import load_texts, pack, pack_ids, self_distill, stdlib_files
+from sdsat.training.data import _hub_records, load_texts, pack, pack_ids, self_distill, split_records, stdlib_files
 from tests.conftest import tiny_loaded
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -126,6 +126,46 @@ def test_hub_dataset_unreachable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="cannot load dataset 'someone/no-such-dataset'"):
         load_texts("someone/no-such-dataset", "train")
+
+
+def _texts(pairs) -> list[str]:
+    return [record["text"] for _, record in pairs]
+
+
+def test_hub_splits_never_overlap_and_test_is_not_validation():
+    train = [{"text": f"train {i}"} for i in range(400)]
+    test = [{"text": f"test {i}"} for i in range(50)]
+    no_validation = datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)})
+    fit, held_out = _texts(split_records(no_validation, "train", 0.1)), _texts(split_records(no_validation, "validation", 0.1))
+    assert not set(fit) & set(held_out) and sorted(fit + held_out) == sorted(r["text"] for r in train)
+    assert 10 < len(held_out) < 80 and not any(t.startswith("test") for t in fit + held_out)
+
+    own = datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "validation": datasets.Dataset.from_list(test)})
+    assert _texts(split_records(own, "train", 0.1)) == [r["text"] for r in train]
+    assert _texts(split_records(own, "validation", 0.1)) == [r["text"] for r in test]
+
+
+def test_hub_dataset_reads_data_dir_as_a_folder_and_passes_hf_token(tmp_path, monkeypatch):
+    """A dataset repository (here a local folder, read by the same datasets.load_dataset the
+    hub path uses) with two folders: data_dir picks one; HF_TOKEN goes to load_dataset."""
+    for folder, word in (("data/python", "def"), ("data/js", "function")):
+        (tmp_path / folder).mkdir(parents=True)
+        write_jsonl(tmp_path / folder / "part.jsonl", [{"text": f"{word} f{i}"} for i in range(60)])
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    texts = _texts(_hub_records(str(tmp_path), "train", 0.05, data_dir="data/python"))
+    texts += _texts(_hub_records(str(tmp_path), "validation", 0.05, data_dir="data/python"))
+    assert sorted(texts) == sorted(f"def f{i}" for i in range(60))
+    assert calls[0]["data_dir"] == "data/python" and calls[0]["token"] == "hf_secret"
+    with pytest.raises(ValueError, match="data_dir='data/python' applies to Hugging Face datasets"):
+        load_texts("stdlib", "train", data_dir="data/python")
 
 
 def test_chat_messages_use_the_chat_template(tmp_path, tokenizer):

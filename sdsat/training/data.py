@@ -6,11 +6,14 @@ Sources (``load_texts``):
   ``limit`` takes a spread of packages, not the alphabet's first) and split by file.
 - a local ``.jsonl`` / ``.parquet`` / ``.txt`` file or a directory of them: one text per
   JSONL line or parquet row (field ``text_field``), one per text file. Split by record.
-- a Hugging Face dataset id (``name`` or ``name:config``), where the hub is reachable.
+- a Hugging Face dataset id (``name`` or ``name:config``, with ``data_dir`` a folder inside
+  its repository), where the hub is reachable; gated datasets read the token in ``HF_TOKEN``.
 
 With ``chat=True`` each record's ``messages`` field (a list of {role, content}) is rendered
-with the tokenizer's chat template. Splits are "train" and "validation"; a record goes to
-validation when a stable hash of its key falls below ``val_fraction``.
+with the tokenizer's chat template. Splits are "train" and "validation", never overlapping: a
+record goes to validation when a stable hash of its key falls below ``val_fraction``, except
+that a Hub dataset with its own validation split ("validation", "valid" or "val"; never
+"test") uses it and keeps its train split whole.
 
 ``self_distill`` replaces texts by the model's own greedy continuations of prompts.
 """
@@ -21,6 +24,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sysconfig
 from pathlib import Path
 
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 LOCAL_SUFFIXES = (".jsonl", ".parquet", ".txt")
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-HF_VALIDATION_NAMES = ("validation", "valid", "val", "test")
+HF_VALIDATION_NAMES = ("validation", "valid", "val")  # "test" stays unseen: it is nobody's validation
 
 
 def stdlib_files(split: str, val_fraction: float = 0.05) -> list[Path]:
@@ -59,11 +63,12 @@ def load_texts(
     tokenizer=None,
     limit: int | None = None,
     val_fraction: float = 0.05,
+    data_dir: str | None = None,
 ) -> list[str]:
     """Texts of one split of ``source`` (at most ``limit``); ValueError when there are none.
 
     chat: render ``text_field`` (``"messages"`` when left at "text") with the tokenizer's
-    chat template.
+    chat template. data_dir: for a Hub dataset, the folder of its repository to read.
     """
     _check_split(split, val_fraction)
     if limit is not None and limit < 1:
@@ -71,11 +76,13 @@ def load_texts(
     if chat and tokenizer is None:
         raise ValueError("chat=True needs a tokenizer (its chat template formats the messages)")
     field = "messages" if chat and text_field == "text" else text_field
+    local = source == "stdlib" or _is_local(source)
+    if data_dir is not None and local:
+        raise ValueError(f"data_dir={data_dir!r} applies to Hugging Face datasets, not to the local source {source!r}")
     if source == "stdlib":
         texts = _stdlib_texts(split, val_fraction, limit)
     else:
-        local = _is_local(source)
-        records = _local_records(source, split, val_fraction) if local else _hub_records(source, split, val_fraction)
+        records = _local_records(source, split, val_fraction) if local else _hub_records(source, split, val_fraction, data_dir)
         texts = []
         for key, record in records:
             text = _record_text(record, field, chat, tokenizer, f"{source} ({key})")
@@ -198,27 +205,34 @@ def _read_file(path: Path):
         yield from enumerate(pq.read_table(path).to_pylist())
 
 
-def _hub_records(source: str, split: str, val_fraction: float):
+def _hub_records(source: str, split: str, val_fraction: float, data_dir: str | None = None):
     """(key, record) pairs of this split from a Hugging Face dataset ``name[:config]``."""
     import datasets
 
     name, _, config = source.partition(":")
     try:
-        splits = datasets.load_dataset(name, config or None)
+        splits = datasets.load_dataset(name, config or None, data_dir=data_dir, token=os.environ.get("HF_TOKEN") or None)
     except Exception as exc:  # offline, unknown id, bad config: all reported the same way
-        raise ValueError(f"cannot load dataset {source!r} (not a local path; Hugging Face hub: {exc})") from exc
-    if split == "train" and "train" in splits:
-        return (((f"train:{i}"), r) for i, r in enumerate(splits["train"]))
-    if split == "validation":
-        for candidate in HF_VALIDATION_NAMES:
-            if candidate in splits:
-                return ((f"{candidate}:{i}", r) for i, r in enumerate(splits[candidate]))
-    # No such split: carve it out of the first split by hash, like local files.
-    first = next(iter(splits))
+        hint = "; it is gated: accept its terms on the Hub and set HF_TOKEN" if "gated" in str(exc).lower() else ""
+        raise ValueError(f"cannot load dataset {source!r} (not a local path; Hugging Face hub: {exc}){hint}") from exc
+    return split_records(splits, split, val_fraction)
+
+
+def split_records(splits, split: str, val_fraction: float):
+    """(key, record) pairs of one split of a dataset's named splits, never overlapping.
+
+    Its own validation split where it has one (HF_VALIDATION_NAMES), with its train split
+    whole; otherwise both come out of the train split (or the first split), by hash.
+    """
+    train = "train" if "train" in splits else next(iter(splits))
+    own = next((candidate for candidate in HF_VALIDATION_NAMES if candidate in splits and candidate != train), None)
+    if own is not None:
+        name = train if split == "train" else own
+        return ((f"{name}:{i}", r) for i, r in enumerate(splits[name]))
     return (
-        (f"{first}:{i}", r)
-        for i, r in enumerate(splits[first])
-        if (_hash01(f"{first}:{i}") < val_fraction) == (split == "validation")
+        (f"{train}:{i}", r)
+        for i, r in enumerate(splits[train])
+        if (_hash01(f"{train}:{i}") < val_fraction) == (split == "validation")
     )
 
 

@@ -63,7 +63,8 @@ def check_model(cfg: dict):
 
 def packed_rows(cfg: dict, tokenizer, split: str) -> np.ndarray:
     """Token rows of row_len; ValueError for an unknown dataset or an empty/too small corpus."""
-    texts = load_texts(cfg["dataset"], split, text_field=cfg["text_field"], chat=cfg["chat"], tokenizer=tokenizer, limit=cfg["max_texts"])
+    texts = load_texts(cfg["dataset"], split, text_field=cfg["text_field"], chat=cfg["chat"], tokenizer=tokenizer, limit=cfg["max_texts"],
+                       data_dir=cfg["data_dir"])
     try:
         ds = pack(texts, tokenizer, cfg["row_len"])
     except ValueError as exc:
