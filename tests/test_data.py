@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import huggingface_hub.constants
@@ -210,6 +211,17 @@ def test_self_distill_appends_the_models_own_greedy_continuation():
     assert any(len(o) == len(p) + 6 for o, p in zip(out, prompts))
     with pytest.raises(ValueError, match="batch_size"):
         self_distill(loaded, prompts, 6, batch_size=0)
+
+
+def test_self_distill_keeps_to_its_time_budget_and_reports_rate_and_eta(caplog):
+    loaded = tiny_loaded(k=4)
+    prompts = [[5, 6, 7], [9] * 11, [40, 41, 42, 43, 44, 45], [3]]
+    with caplog.at_level(logging.INFO, logger="sdsat"):
+        out = self_distill(loaded, prompts, max_new_tokens=6, batch_size=2, max_seconds=0.0)
+    assert out == self_distill(loaded, prompts[:2], max_new_tokens=6, batch_size=2)  # the first batch only
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("self-distillation: 2/4 prompts")]
+    assert lines and "prompts/s" in lines[0] and "eta " in lines[0] and "new tok/s" in lines[0]
+    assert any("time budget" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow

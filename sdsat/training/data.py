@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sysconfig
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -126,18 +127,31 @@ def pack_ids(sequences: list[list[int]], row_len: int) -> list[list[int]]:
     return [stream[i : i + row_len] for i in range(0, usable, row_len)]
 
 
-def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
-    """Each prompt followed by the model's own greedy continuation (plain decoding, SATs banned)."""
+def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                 max_seconds: float | None = None) -> list[list[int]]:
+    """Each prompt followed by the model's own greedy continuation (plain decoding, SATs banned).
+
+    max_seconds: stop after the batch that crosses this time (the prompts done so far are
+    returned), so the work fits a time budget at whatever speed this machine has.
+    """
     from ..decode.generate import generate, make_sequences
+    from .progress import Progress
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = []
+    out: list[list[int]] = []
+    progress = Progress("self-distillation", len(prompts), "prompts", log)
+    tokens = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         sequences = generate(loaded, make_sequences(loaded, chunk, max_new_tokens), num_sat=0)
         out.extend(list(s.prompt_ids) + list(s.output_ids) for s in sequences)
-        log.info("self-distillation: %d/%d prompts", len(out), len(prompts))
+        tokens += sum(len(s.output_ids) for s in sequences)
+        elapsed = time.perf_counter() - progress.start
+        progress.update(len(out), extra=f"{tokens / elapsed:.0f} new tok/s")
+        if max_seconds is not None and elapsed >= max_seconds and len(out) < len(prompts):
+            log.info("self-distillation: time budget of %.0f s reached after %d of %d prompts", max_seconds, len(out), len(prompts))
+            break
     return out
 
 

@@ -45,13 +45,21 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
     return distilled
 
 
-def distill_part(cfg: dict, prompts: list[list[int]], device: str = "cpu") -> list[list[int]]:
-    """One part's continuations: the base model (cfg["model"]) in distill_dtype on ``device``."""
+def distill_part(cfg: dict, prompts: list[list[int]]) -> list[list[int]]:
+    """One part's continuations: the base model (cfg["model"]) on this process's GPU when it
+    has one, else its CPU, in distill_dtype ("auto": bf16 where the device runs it natively),
+    for at most distill_max_minutes."""
+    import torch
+
     from ..model.load import load_model
     from .data import self_distill
+    from .precision import resolve_precision
 
-    loaded = load_model(cfg["model"], dtype=cfg["distill_dtype"], device=device)
-    return self_distill(loaded, prompts, cfg["distill_max_new_tokens"], batch_size=cfg["distill_batch_size"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if resolve_precision(cfg["distill_dtype"], device, "self-distillation") == "bf16" else "float32"
+    loaded = load_model(cfg["model"], dtype=dtype, device=device)
+    budget = 60 * cfg["distill_max_minutes"] if cfg["distill_max_minutes"] else None
+    return self_distill(loaded, prompts, cfg["distill_max_new_tokens"], batch_size=cfg["distill_batch_size"], max_seconds=budget)
 
 
 def _long_enough(rows: list[np.ndarray], cfg: dict) -> list[np.ndarray]:

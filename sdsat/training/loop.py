@@ -27,10 +27,15 @@ import torch.distributed as dist
 from .checkpoint import latest_complete, load_checkpoint, read_state, save_checkpoint
 from .export import export
 from .frozen_loss import collate_two_pass
+from .metrics import MetricSums, progress_line
+from .precision import resolve_precision
 from .rows import RowConfig, build_row, collate
-from .setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
+from .setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, schedule_of, select_trainable, wrap
 
 log = logging.getLogger("sdsat.finetune")
+
+PLAN_AFTER = 3  # steps timed before a time-boxed run plans its step count (the first is slower: warm-up)
+LOG_EVERY_S = 10.0  # a progress line at least this often (and at the first, last and evaluated steps)
 
 
 class RowStream:
@@ -54,38 +59,6 @@ class RowStream:
         return build_row(tokens, self.sat_ids, self.row_cfg, rng)
 
 
-class MetricSums:
-    """Sums of per-batch metrics, reduced over micro-batches and ranks in one all-reduce."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self.v = torch.zeros(6 + 2 * k, dtype=torch.float64)  # batches, loss, ce_std*n, n_std, ce_sat*n, n_sat, hits[k], count[k]
-        self.tokens = 0
-
-    def add(self, m: dict, tokens: int, weight: float = 1.0) -> None:
-        count = torch.tensor(m["sat_count"], dtype=torch.float64)
-        acc = torch.tensor([0.0 if math.isnan(a) else a for a in m["sat_acc"]], dtype=torch.float64)
-        head = [1.0, m["loss"], m["ce_std"] * m["n_std"], m["n_std"], m["ce_sat"] * m["n_sat"], m["n_sat"]]
-        self.v += weight * torch.cat([torch.tensor(head, dtype=torch.float64), acc * count, count])
-        self.tokens += int(weight * tokens)
-
-    def reduce(self, prefix: str = "") -> dict:
-        v = torch.cat([self.v, torch.tensor([float(self.tokens)], dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(v)
-        k = self.k
-        hits, count = v[6 : 6 + k], v[6 + k : 6 + 2 * k]
-        out = {
-            f"{prefix}loss": float(v[1] / max(v[0], 1)),
-            f"{prefix}ce_std": float(v[2] / max(v[3], 1)),
-            f"{prefix}ce_sat": float(v[4] / max(v[5], 1)),
-        }
-        for i in range(k):
-            out[f"{prefix}sat_acc_{i + 1}"] = float(hits[i] / count[i]) if count[i] else float("nan")
-        out[f"{prefix}tokens"] = int(v[-1])
-        return out
-
-
 @dataclass
 class Worker:
     """Where this copy of the loop runs: its rank among world ranks, and its device."""
@@ -104,7 +77,8 @@ class Trainer:
     """One rank of a fine-tuning run (config: the dict jobs/finetune_ray.py hands each worker)."""
 
     def __init__(self, config: dict, worker: Worker, train_rows, val_rows):
-        cfg = self.cfg = config["cfg"]
+        # precision "auto" becomes what this worker's device runs natively (and the recipe records it).
+        cfg = self.cfg = dict(config["cfg"], precision=resolve_precision(config["cfg"]["precision"], worker.device, "training"))
         self.config, self.worker = config, worker
         torch.manual_seed(cfg["seed"] + worker.rank)
 
@@ -123,7 +97,7 @@ class Trainer:
         self.train_rows = RowStream(train_rows, sat_ids, row_cfg, cfg["seed"])
         self.val_rows = RowStream(val_rows, sat_ids, row_cfg, cfg["seed"], salt=1) if val_rows is not None else None
         self.pad_id = self.loaded.tokenizer.pad_token_id or 0
-        self.state = {"step": 0, "samples": 0, "train_s": 0.0}
+        self.state = {"step": 0, "samples": 0, "train_s": 0.0, "planned": False}
         self.restored = False
 
     def restore(self, given: Path | None) -> None:
@@ -144,26 +118,33 @@ class Trainer:
         else:
             return
         restored = load_checkpoint(chosen, self.module, self.optimizer, self.scheduler, self.worker.rank)
-        self.state = {key: restored[key] for key in self.state}
+        self.state = {key: restored.get(key, default) for key, default in self.state.items()}
         self.restored = True
         log.info("resumed at step %d (%d samples seen)", self.state["step"], self.state["samples"])
 
     def fit(self, report: Report) -> None:
-        """4. Steps until max_steps (or max_minutes), with validation and checkpoints."""
+        """4. Steps until max_steps (or as many as fit max_minutes), with validation and checkpoints."""
         cfg, rank, world = self.cfg, self.worker.rank, self.worker.world
-        while self.state["step"] < cfg["max_steps"]:
+        schedule, step_times, logged = schedule_of(self.scheduler), [], 0.0
+        while self.state["step"] < schedule.total:
             metrics = train_step(self.module, self.optimizer, self.scheduler, self.train_rows, cfg, rank, world,
                                  self.worker.device, self.pad_id, self.state)
             step = self.state["step"]
+            step_times.append(metrics["step_s"])
             if cfg["fail_at_step"] == step and not self.restored and rank == world - 1:
                 log.error("fail_at_step=%d: this worker exits now (testing recovery)", step)
                 os._exit(1)
-            stop = _time_is_up(self.state, cfg)
-            last = step == cfg["max_steps"] or stop
-            if self.val_rows is not None and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last):
+            if cfg["max_minutes"] and not self.state["planned"] and len(step_times) == PLAN_AFTER:
+                self._plan_steps(step_times[1:])
+            stop = _time_is_up(self.state, cfg, self.worker.device)
+            last = step == schedule.total or stop
+            evaluated = self.val_rows is not None and cfg["eval_every"] and (step % cfg["eval_every"] == 0 or last)
+            if evaluated:
                 metrics.update(evaluate(self.module, self.val_rows, cfg, rank, world, self.worker.device, self.pad_id))
-            if rank == 0:
-                log.info(progress_line(metrics, cfg["max_steps"]))
+            if rank == 0 and (len(step_times) == 1 or last or evaluated or self.state["train_s"] - logged >= LOG_EVERY_S):
+                logged = self.state["train_s"]
+                recent = step_times[-10:]
+                log.info(progress_line(metrics, schedule.total, (schedule.total - step) * sum(recent) / len(recent)))
             write = None
             if step % cfg["checkpoint_every"] == 0 or last:
                 state = dict(self.state, metrics=metrics, config=cfg)
@@ -172,6 +153,20 @@ class Trainer:
             if stop:
                 log.info("max_minutes=%s reached after step %d: stopping", cfg["max_minutes"], step)
                 break
+
+    def _plan_steps(self, step_times: list[float]) -> None:
+        """Size the run to its time budget from the measured step time (rank 0's measurement,
+        so every rank plans the same): the schedule then decays over the steps that fit."""
+        schedule, cfg = schedule_of(self.scheduler), self.cfg
+        per_step = sum(step_times) / len(step_times)
+        left = 60 * cfg["max_minutes"] - self.state["train_s"]
+        planned = torch.tensor([min(cfg["max_steps"], self.state["step"] + int(left / per_step))], device=self.worker.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(planned, src=0)
+        schedule.total = max(int(planned.item()), self.state["step"] + 1)
+        self.state["planned"] = True
+        log.info("time budget %.1f min at %.2f s/step: %d steps (max_steps %d)", cfg["max_minutes"], per_step,
+                 schedule.total, cfg["max_steps"])
 
     def export(self) -> Path | None:
         """5. A plain Hugging Face checkpoint (or artifact) in export_dir; its path on rank 0."""
@@ -187,7 +182,7 @@ def train_step(module, optimizer, scheduler, rows: RowStream, cfg, rank, world, 
     """One optimizer step over grad_accum micro-batches of batch_size rows per rank."""
     start = time.perf_counter()
     batch_size, accum = cfg["batch_size"], cfg["grad_accum"]
-    sums = MetricSums(cfg["num_sat"])
+    sums = MetricSums(cfg["num_sat"], device)
     optimizer.zero_grad(set_to_none=True)
     for micro in range(accum):
         first = state["samples"] + (micro * world + rank) * batch_size
@@ -225,7 +220,7 @@ def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id) -> dict:
     per_rank = math.ceil(n / world)
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [0] * (per_rank - len(mine))
-    sums = MetricSums(cfg["num_sat"])
+    sums = MetricSums(cfg["num_sat"], device)
     was_training = module.training
     module.eval()
     for start in range(0, per_rank, cfg["batch_size"]):
@@ -241,21 +236,11 @@ def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id) -> dict:
     return out
 
 
-def progress_line(m: dict, max_steps: int) -> str:
-    accs = " ".join(f"{m[key]:.2f}" for key in sorted(k for k in m if k.startswith("sat_acc_")))
-    line = (f"step {m['step']}/{max_steps} | loss {m['loss']:.3f} | ce_std {m['ce_std']:.3f} | ce_sat {m['ce_sat']:.3f}"
-            f" | sat_acc {accs} | {m['tokens_per_s']:.0f} tok/s | lr {m['lr']:.2e} | {m['step_s']:.1f} s")
-    if "val_loss" in m:
-        val_accs = " ".join(f"{m[key]:.2f}" for key in sorted(k for k in m if k.startswith("val_sat_acc_")))
-        line += f" | val_loss {m['val_loss']:.3f} val_sat_acc {val_accs}"
-    return line
-
-
-def _time_is_up(state: dict, cfg: dict) -> bool:
+def _time_is_up(state: dict, cfg: dict, device: torch.device) -> bool:
     """Same answer on every rank (rank 0's clock decides)."""
     if not cfg["max_minutes"]:
         return False
-    flag = torch.tensor([float(state["train_s"] >= 60 * cfg["max_minutes"])])
+    flag = torch.tensor([float(state["train_s"] >= 60 * cfg["max_minutes"])], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(flag, src=0)
     return bool(flag.item())

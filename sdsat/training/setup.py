@@ -136,14 +136,24 @@ def make_optimizer(module: torch.nn.Module, options: dict, device: torch.device)
     return torch.optim.AdamW(params, betas=(0.9, 0.95), fused=device.type == "cuda", **options)
 
 
+class Schedule:
+    """Linear warm-up to each group's lr, then cosine decay to ``floor`` of it at ``total``
+    steps. ``total`` may be lowered once the run knows how many steps fit its time budget;
+    LambdaLR saves and restores this object's attributes with the scheduler's state."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: dict) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to each group's lr, then cosine decay to min_lr_ratio of it at max_steps."""
-    warmup, total, floor = cfg["warmup_steps"], cfg["max_steps"], cfg["min_lr_ratio"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg["warmup_steps"], cfg["max_steps"], cfg["min_lr_ratio"]))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def schedule_of(scheduler: torch.optim.lr_scheduler.LambdaLR) -> Schedule:
+    return scheduler.lr_lambdas[0]
