@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from jobs.finetune_config import FinetuneConfig
 from sdsat.training.distill import distill_part, distill_rows
 from sdsat.training.loop import Trainer, Worker
 from sdsat.training.plan import Plan
+from sdsat.training.storage import is_uri
 
 log = logging.getLogger("sdsat.finetune")
 
@@ -26,9 +28,10 @@ def fit(cfg: FinetuneConfig, plan: Plan):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    joined = bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()  # `ray job submit` sets RAY_ADDRESS
     if not ray.is_initialized():
         ray.init()
-    check_resources(cfg, ray.cluster_resources())
+    check_resources(cfg, ray.cluster_resources(), _possible_resources(), joined)
     values = cfg.model_dump()
     rows = plan.train_rows
     if cfg.distill_max_new_tokens:
@@ -38,8 +41,8 @@ def fit(cfg: FinetuneConfig, plan: Plan):
         "train_rows": ray.put(rows),
         "val_rows": ray.put(plan.val_rows) if plan.val_rows is not None else None,
         "resume_from": plan.resume_from,
-        "export_dir": str(plan.export_dir),
-        "run_dir": str(plan.run_dir),  # searched for checkpoints on restart (local storage)
+        "export_dir": plan.export_dir,  # a path or a URI
+        "run_dir": plan.run_dir,  # searched for checkpoints on restart (local storage)
     }
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
@@ -48,7 +51,7 @@ def fit(cfg: FinetuneConfig, plan: Plan):
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=str(Path(cfg.storage_path).expanduser()) if "://" not in cfg.storage_path else cfg.storage_path,
+            storage_path=cfg.storage_path if is_uri(cfg.storage_path) else str(Path(cfg.storage_path).expanduser()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
@@ -56,15 +59,36 @@ def fit(cfg: FinetuneConfig, plan: Plan):
     return trainer.fit()
 
 
-def check_resources(cfg: FinetuneConfig, available: dict) -> None:
-    """Refuse a worker group the cluster can never place (it would wait forever)."""
+def check_resources(cfg: FinetuneConfig, available: dict, possible: dict | None, joined: bool) -> None:
+    """Refuse a worker group the cluster can never place (it would wait forever); warn and go
+    on where an autoscaler can still start the nodes it needs (GPU workers scaled to zero).
+
+    available: the cluster's resources now; possible: the most its autoscaler can provide
+    (None: unknown); joined: the job joined an existing cluster, which an autoscaler may grow.
+    """
     need = {"CPU": cfg.num_workers * cfg.cpus_per_worker} | ({"GPU": cfg.num_workers} if cfg.use_gpu else {})
     for resource, amount in need.items():
-        if available.get(resource, 0) < amount:
-            raise ValueError(
-                f"{cfg.num_workers} workers need {amount:g} {resource} but the cluster has {available.get(resource, 0):g}: "
-                "lower num_workers / cpus_per_worker or use a bigger cluster"
-            )
+        have = available.get(resource, 0)
+        if have >= amount:
+            continue
+        wanted = f"{cfg.num_workers} workers need {amount:g} {resource} but the cluster has {have:g} now"
+        if possible is not None and possible.get(resource, 0) < amount:
+            raise ValueError(f"{wanted} and its autoscaler can reach {possible.get(resource, 0):g}: "
+                             "lower num_workers / cpus_per_worker or allow more worker nodes")
+        if possible is None and not joined:
+            raise ValueError(f"{wanted}: lower num_workers / cpus_per_worker or use a bigger cluster")
+        log.warning("%s; %s", wanted, "its autoscaler can start the nodes: waiting for them" if possible is not None
+                    else "waiting for an autoscaler to add nodes (check `ray status` if none comes)")
+
+
+def _possible_resources() -> dict | None:
+    """The most resources the cluster's autoscaler can start (its cluster config), None if unknown."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: unknown is a safe answer
+        return None
 
 
 def _distill_with_tasks(cfg: FinetuneConfig, parts: list) -> list:

@@ -48,6 +48,16 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+def _assert_lossless(exported, reference=None) -> None:
+    """SDSAT decoding with the export equals plain greedy decoding of ``reference`` (default: the export)."""
+    reference = reference or exported
+    prompts = [exported.tokenizer.encode("def add(a, b):\n"), exported.tokenizer.encode("import os\nfor x in")]
+    plain = generate(reference, make_sequences(reference, prompts, 24, eos=False), num_sat=0)
+    sdsat = generate(exported, make_sequences(exported, prompts, 24, eos=False), num_sat=K)
+    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+    assert all(len(s.output_ids) == 24 for s in sdsat)
+
+
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_export_and_decode(ray_cluster, tiny_path, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
@@ -64,11 +74,7 @@ def test_two_workers_train_checkpoint_export_and_decode(ray_cluster, tiny_path, 
     trained = _weights(run_dir / "export")
     assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
 
-    prompts = [exported.tokenizer.encode("def add(a, b):\n"), exported.tokenizer.encode("import os\nfor x in")]
-    plain = generate(exported, make_sequences(exported, prompts, 24, eos=False), num_sat=0)
-    sdsat = generate(exported, make_sequences(exported, prompts, 24, eos=False), num_sat=K)
-    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
-    assert all(len(s.output_ids) == 24 for s in sdsat)
+    _assert_lossless(exported)
 
     # A worker dies at step 3: the run restarts from checkpoint 2 (max_failures=1, and a
     # restart from scratch would die again), keeps every checkpoint and ends with the same
@@ -115,10 +121,7 @@ def test_sat_adapter_run_keeps_the_base_and_exports_checkpoint_and_artifact(ray_
 
     exported = load_model(str(export), dtype="float32")
     reference = load_model(tiny_path, dtype="float32", add_sat=K)
-    prompts = [exported.tokenizer.encode("def add(a, b):\n"), exported.tokenizer.encode("import os\nfor x in")]
-    plain = generate(reference, make_sequences(reference, prompts, 24, eos=False), num_sat=0)
-    sdsat = generate(exported, make_sequences(exported, prompts, 24, eos=False), num_sat=K)
-    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+    _assert_lossless(exported, reference)
 
     assert _run(tiny_path, storage, "artifact", *adapter_args, "--export-format", "artifact",
                 "--export-dtype", "bfloat16", "--max-steps", "2", "--checkpoint-every", "1") == 0
@@ -126,8 +129,7 @@ def test_sat_adapter_run_keeps_the_base_and_exports_checkpoint_and_artifact(ray_
     assert sorted(p.name for p in artifact.iterdir()) == ["sdsat_adapter.safetensors", "sdsat_config.json"]
     loaded = load_model(str(artifact), dtype="float32")
     assert loaded.sat.num_sat_trained == K and loaded.sat.adapter["rank"] == 4
-    sdsat = generate(loaded, make_sequences(loaded, prompts, 24, eos=False), num_sat=K)
-    assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
+    _assert_lossless(loaded, reference)
 
 
 def test_sat_embeddings_trains_only_the_sat_rows():
@@ -162,3 +164,63 @@ def test_schedule_warms_up_then_decays_to_the_floor():
         scheduler.step()
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and scheduler.get_last_lr()[0] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_fsdp_full_training_with_a_failure_resumes_and_exports(ray_cluster, tiny_path, tmp_path_factory):
+    """strategy=fsdp, train=full on 2 workers (meta init, rank-0 broadcast load, bf16 mixed
+    precision policy, activation checkpointing): a worker dies at step 3, the run resumes from
+    its step-2 checkpoint, and the streamed export loads and decodes losslessly."""
+    storage = tmp_path_factory.mktemp("runs")
+    args = ("--strategy", "fsdp", "--precision", "bf16", "--activation-checkpointing", "true", "--max-steps", "4",
+            "--eval-every", "2", "--fail-at-step", "3", "--max-failures", "1")
+    assert _run(tiny_path, storage, "fsdp", *args) == 0
+    run_dir = storage / "fsdp"
+    assert sorted(read_state(d)["step"] for d in checkpoint_dirs(run_dir)) == [2, 4]
+    assert read_state(run_dir / "checkpoint_000004")["samples"] == 4 * 2 * 2
+    assert read_state(run_dir / "checkpoint_000004")["world"] == 2
+    exported = load_model(str(run_dir / "export"), dtype="float32")
+    trained, base = _weights(run_dir / "export"), _weights(tiny_path)
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"], trained["model.layers.0.mlp.up_proj.weight"])
+    assert exported.sat.recipe["strategy"] == "fsdp" and "storage_path" not in exported.sat.recipe
+    _assert_lossless(exported)
+
+
+@pytest.mark.slow
+def test_fsdp_adapter_training_keeps_the_base_resumes_and_exports(ray_cluster, tiny_path, tmp_path_factory):
+    """strategy=fsdp with train=sat_adapter on 2 workers: the exported base is bit-identical,
+    a later run resumes the sharded checkpoint and exports an artifact that decodes losslessly."""
+    storage = tmp_path_factory.mktemp("runs")
+    adapter_args = ("--strategy", "fsdp", "--train", "sat_adapter", "--adapter-rank", "4", "--lr", "1e-2",
+                    "--poisson-lambda", "6", "--eval-every", "0")
+    assert _run(tiny_path, storage, "first", *adapter_args, "--max-steps", "2") == 0
+    base, exported = _weights(tiny_path), _weights(storage / "first" / "export")
+    for key in base:
+        if key not in ("model.embed_tokens.weight", "lm_head.weight"):  # these grew by the SAT rows
+            assert torch.equal(exported[key], base[key]), key
+    assert _run(tiny_path, storage, "second", *adapter_args, "--max-steps", "4", "--export-format", "artifact",
+                "--resume-from", str(storage / "first")) == 0
+    assert sorted(read_state(d)["step"] for d in checkpoint_dirs(storage / "second")) == [4]
+    artifact = storage / "second" / "export"
+    assert sorted(p.name for p in artifact.iterdir()) == ["sdsat_adapter.safetensors", "sdsat_config.json"]
+    first_adapter = load_file(os.path.join(storage / "first" / "export", "sdsat_adapter.safetensors"))
+    second_adapter = load_file(os.path.join(artifact, "sdsat_adapter.safetensors"))
+    assert any(not torch.equal(first_adapter[k], second_adapter[k]) for k in first_adapter)  # it trained on
+    loaded = load_model(str(artifact), dtype="float32")
+    reference = load_model(tiny_path, dtype="float32", add_sat=K)
+    _assert_lossless(loaded, reference)
+
+
+@pytest.mark.slow
+def test_a_uri_storage_path_keeps_checkpoints_and_export_there(ray_cluster, tiny_path, tmp_path_factory):
+    """storage_path as a URI (file://, the same pyarrow path s3:// and gs:// take): Ray Train
+    writes the checkpoints there, and the export and the training curve are copied up beside them."""
+    storage = tmp_path_factory.mktemp("bucket")
+    args = ["--model", tiny_path, "--storage-path", f"file://{storage}", "--name", "uri", *RUN,
+            "--max-steps", "2", "--eval-every", "0", "--distill-max-new-tokens", "6", "--distill-prompt-len", "8",
+            "--distill-rows", "4"]  # self-distillation as Ray tasks first
+    assert main(args) == 0
+    assert sorted(read_state(d)["step"] for d in checkpoint_dirs(storage / "uri")) == [2]
+    exported = load_model(str(storage / "uri" / "export"), dtype="float32")
+    assert exported.sat.num_sat_trained == K
+    assert (storage / "uri" / "training_curve.png").stat().st_size > 0 and (storage / "uri" / "metrics.jsonl").exists()

@@ -63,6 +63,7 @@ def test_help_documents_every_field():
         ({"num_sat": 0}, "num_sat"),
         ({"train": "lora"}, "train"),
         ({"strategy": "fsdp", "train": "sat_embeddings"}, "strategy=fsdp"),
+        ({"activation_checkpointing": True, "train": "sat_adapter"}, "activation_checkpointing applies to train=full"),
         ({"sat_lr": 0.1}, "sat_lr applies only"),
         ({"warmup_steps": 50, "max_steps": 10}, "warmup_steps"),
         ({"fail_at_step": 11, "max_steps": 10}, "fail_at_step"),
@@ -84,7 +85,8 @@ def test_config_file_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/finetune_default.yaml", "configs/finetune_7b_gpu.yaml"):
+    for name in ("configs/finetune_default.yaml", "configs/finetune_artifact.yaml", "configs/finetune_7b_gpu.yaml",
+                 "configs/finetune_7b_adapter_ddp.yaml", "configs/finetune_7b_adapter_fsdp.yaml"):
         load_config(name)
 
 
@@ -97,7 +99,7 @@ def test_prepare_packs_rows_and_checks_model(tiny_ckpt, tmp_path):
     plan = prepare(_cfg(tiny_ckpt, storage_path=str(tmp_path), eval_every=5))
     assert plan.train_rows.shape[1] == 32 and len(plan.train_rows) > 10
     assert plan.val_rows is not None and plan.val_rows.shape[1] == 32
-    assert plan.model_sats == 0 and plan.export_dir == tmp_path / plan.run_name / "export"
+    assert plan.model_sats == 0 and plan.export_dir == str(tmp_path / plan.run_name / "export")
 
 
 def test_refuses_unknown_dataset_and_empty_corpus(tiny_ckpt, tmp_path):
@@ -142,10 +144,32 @@ def test_main_refuses_before_starting_ray(tiny_ckpt, tmp_path, capsys):
 def test_refuses_workers_the_cluster_cannot_place():
     cfg = load_config(overrides={"num_workers": 4})
     with pytest.raises(ValueError, match="need 4 CPU but the cluster has 2"):
-        check_resources(cfg, {"CPU": 2.0})
+        check_resources(cfg, {"CPU": 2.0}, None, joined=False)
     with pytest.raises(ValueError, match="GPU"):
-        check_resources(load_config(overrides={"use_gpu": True}), {"CPU": 8.0})
-    check_resources(load_config(overrides={"num_workers": 2}), {"CPU": 2.0})
+        check_resources(load_config(overrides={"use_gpu": True}), {"CPU": 8.0}, None, joined=False)
+    check_resources(load_config(overrides={"num_workers": 2}), {"CPU": 2.0}, None, joined=False)
+
+
+def test_gpu_workers_scaled_to_zero_wait_for_the_autoscaler(caplog):
+    """A CPU head with GPU workers at min_workers 0: no GPU now, but the autoscaler can start
+    them, so the job warns and goes on; beyond what it can ever start, it refuses."""
+    cfg = load_config(overrides={"num_workers": 2, "use_gpu": True})
+    with caplog.at_level("WARNING"):
+        check_resources(cfg, {"CPU": 4.0}, {"CPU": 68.0, "GPU": 8}, joined=True)
+    assert "autoscaler can start the nodes" in caplog.text
+    with pytest.raises(ValueError, match="its autoscaler can reach 1"):
+        check_resources(cfg, {"CPU": 4.0}, {"CPU": 20.0, "GPU": 1}, joined=True)
+    check_resources(cfg, {"CPU": 4.0}, None, joined=True)  # an unknown autoscaler on a joined cluster: warn only
+    assert "waiting for an autoscaler" in caplog.text
+
+
+def test_a_storage_uri_stays_a_uri(tiny_ckpt):
+    plan = prepare(_cfg(tiny_ckpt, storage_path="s3://bucket/runs/"))
+    assert plan.run_dir == "s3://bucket/runs/run" and plan.export_dir == "s3://bucket/runs/run/export"
+    plan = prepare(_cfg(tiny_ckpt, storage_path="gs://bucket", export_dir="gs://other/out"))
+    assert (plan.run_dir, plan.export_dir) == ("gs://bucket/run", "gs://other/out")
+    with pytest.raises(ValueError, match="give a local or shared path"):
+        prepare(_cfg(tiny_ckpt, storage_path="s3://bucket/runs", resume_from="s3://bucket/runs/old"))
 
 
 def test_no_arguments_run_the_default_recipe():
@@ -172,3 +196,31 @@ def test_distill_cache_is_read_instead_of_generating(tmp_path):
 
     rows = distill_rows(cfg, np.zeros((4, 32), dtype=np.int32), never)
     assert [r.tolist() for r in rows] == [[1, 2, 3, 4, 5, 6, 7, 8], list(range(20))]  # [9, 10] is too short
+
+
+def test_upload_to_a_uri_creates_its_directory(tmp_path):
+    from sdsat.training.storage import join, upload
+
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    (tmp_path / "src" / "a.txt").write_text("a")
+    (tmp_path / "src" / "d" / "b.txt").write_text("b")
+    target = join(f"file://{tmp_path}", "run", "export")
+    assert target == f"file://{tmp_path}/run/export"
+    upload(tmp_path / "src", target)
+    assert (tmp_path / "run" / "export" / "a.txt").read_text() == "a"
+    assert (tmp_path / "run" / "export" / "d" / "b.txt").read_text() == "b"
+
+
+def test_the_artifact_recipe_reads_its_committed_prompts(tmp_path):
+    from sdsat.training.distill import read_prompts
+
+    cfg = load_config("configs/finetune_artifact.yaml")
+    assert cfg.max_minutes is None and cfg.precision == "bf16" and cfg.distill_dtype == "bfloat16"  # machine-independent
+    prompts = read_prompts(cfg.distill_prompts)
+    assert len(prompts) == cfg.distill_rows == 1024 and {len(p) for p in prompts} == {cfg.distill_prompt_len}
+    assert max(max(p) for p in prompts) < 49152  # the default tokenizer's vocabulary
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="expected a non-empty JSON list"):
+        read_prompts(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="no such file"):
+        read_prompts(str(tmp_path / "missing.json"))

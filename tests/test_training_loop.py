@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def test_a_time_boxed_run_plans_its_steps_from_measured_speed(tiny_path, tmp_pat
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert lines and all(" tok/s" in line and "eta " in line for line in lines)
     assert any(r.getMessage().startswith("time budget") for r in caplog.records)
+    # The training curve: a PNG and the per-step metrics beside the run's checkpoints.
+    curve = tmp_path / "run" / "training_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curve.stat().st_size > 10_000
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(reported) + 1))
 
 
 def test_the_planned_total_is_saved_with_the_scheduler():
@@ -83,3 +89,14 @@ def test_precision_refuses_unknown_values_and_reads_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
     assert cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_the_recorded_recipe_names_no_machine_paths():
+    from sdsat.training.export import recipe
+
+    cfg = load_config("configs/finetune_artifact.yaml", {"storage_path": "/scratch/me/runs", "export_dir": "/tmp/out",
+                                                         "distill_cache": "/tmp/rows.json"}).model_dump()
+    kept = recipe(cfg)
+    assert kept["lr"] == cfg["lr"] and kept["distill_prompts"] == cfg["distill_prompts"]
+    paths = [v for v in kept.values() if isinstance(v, str) and (v.startswith(("/", "~")) or "://" in v)]
+    assert not paths and not {"name", "storage_path", "export_dir", "distill_cache"} & kept.keys()

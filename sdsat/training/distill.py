@@ -29,8 +29,10 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
         cached = [np.asarray(seq, dtype=np.int32) for seq in json.loads(cache.read_text())]
         log.info("self-distillation: %d rows read from %s", len(cached), cache)
         return _long_enough(cached, cfg)
-    count = min(len(rows), cfg["distill_rows"] or len(rows))
-    prompts = [[int(t) for t in row[: cfg["distill_prompt_len"]]] for row in rows[:count]]
+    prompts = read_prompts(cfg["distill_prompts"]) if cfg["distill_prompts"] else [
+        [int(t) for t in row[: cfg["distill_prompt_len"]]] for row in rows]
+    count = min(len(prompts), cfg["distill_rows"] or len(prompts))
+    prompts = prompts[:count]
     parts = [part for part in (prompts[i :: cfg["num_workers"]] for i in range(cfg["num_workers"])) if part]
     log.info("self-distillation: %d prompts, %d new tokens each, %d parts", count, cfg["distill_max_new_tokens"], len(parts))
     distilled = _long_enough([np.asarray(seq, dtype=np.int32) for out in run_parts(parts) for seq in out], cfg)
@@ -43,6 +45,19 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
         partial.replace(cache)
         log.info("self-distillation: %d rows written to %s", len(distilled), cache)
     return distilled
+
+
+def read_prompts(path: str) -> list[list[int]]:
+    """A committed prompt set: a JSON list of token-id lists; ValueError naming what is wrong."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"distill_prompts={path!r}: no such file (relative paths are read from {Path.cwd()})")
+    prompts = json.loads(file.read_text())
+    if not isinstance(prompts, list) or not prompts or not all(
+        isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts
+    ):
+        raise ValueError(f"distill_prompts={path!r}: expected a non-empty JSON list of non-empty token-id lists")
+    return prompts
 
 
 def distill_part(cfg: dict, prompts: list[list[int]]) -> list[list[int]]:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import latest_complete, load_checkpoint, read_state, save_checkpoint
+from .curve import CURVE_FILE, write_curve
 from .export import export
 from .frozen_loss import collate_two_pass
+from .fsdp import build_sharded
 from .metrics import MetricSums, progress_line
 from .precision import resolve_precision
 from .rows import RowConfig, build_row, collate
 from .setup import LossModule, build_model, loss_config, make_optimizer, make_scheduler, schedule_of, select_trainable, wrap
+from .storage import is_uri, upload
 
 log = logging.getLogger("sdsat.finetune")
 
@@ -83,11 +87,15 @@ class Trainer:
         torch.manual_seed(cfg["seed"] + worker.rank)
 
         # 1. Model, SATs, what trains, wrapper, optimizer, schedule.
-        self.loaded = build_model(cfg)
         k = cfg["num_sat"]
+        self.sharded = cfg["strategy"] == "fsdp" and worker.world > 1
+        if self.sharded:
+            self.loaded, self.module, options = build_sharded(cfg, worker.rank, worker.device)
+        else:
+            self.loaded = build_model(cfg)
+            options = select_trainable(self.loaded.model, self.loaded.sat.ids_for(k), cfg)
+            self.module = wrap(LossModule(self.loaded.model, loss_config(cfg, self.loaded.sat.unique_ids)), cfg, worker.device, worker.world)
         sat_ids = self.loaded.sat.ids_for(k)
-        options = select_trainable(self.loaded.model, sat_ids, cfg)
-        self.module = wrap(LossModule(self.loaded.model, loss_config(cfg, self.loaded.sat.unique_ids)), cfg, worker.device, worker.world)
         self.module.train()
         self.optimizer = make_optimizer(self.module, options, worker.device)
         self.scheduler = make_scheduler(self.optimizer, cfg)
@@ -98,6 +106,7 @@ class Trainer:
         self.val_rows = RowStream(val_rows, sat_ids, row_cfg, cfg["seed"], salt=1) if val_rows is not None else None
         self.pad_id = self.loaded.tokenizer.pad_token_id or 0
         self.state = {"step": 0, "samples": 0, "train_s": 0.0, "planned": False}
+        self.history: list[dict] = []  # per-step metrics (rank 0): the training curve
         self.restored = False
 
     def restore(self, given: Path | None) -> None:
@@ -107,8 +116,8 @@ class Trainer:
         A checkpoint persisted just before a worker died may not be registered yet, so on
         local storage the run directory is searched too and the newer complete one wins.
         """
-        run_dir = Path(self.config["run_dir"])
-        on_disk = latest_complete(run_dir) if run_dir.is_dir() else None
+        run_dir = self.config["run_dir"]
+        on_disk = latest_complete(Path(run_dir)) if not is_uri(run_dir) and Path(run_dir).is_dir() else None
         if given is not None and (on_disk is None or read_state(given)["step"] >= read_state(on_disk)["step"]):
             chosen = given
         elif on_disk is not None:
@@ -119,6 +128,11 @@ class Trainer:
             return
         restored = load_checkpoint(chosen, self.module, self.optimizer, self.scheduler, self.worker.rank)
         self.state = {key: restored.get(key, default) for key, default in self.state.items()}
+        self.history = restored.get("history", [])
+        if chosen == Path(self.config.get("resume_from") or ""):  # an earlier run: this run's schedule and budget
+            schedule, cfg = schedule_of(self.scheduler), self.cfg
+            schedule.warmup, schedule.total, schedule.floor = cfg["warmup_steps"], cfg["max_steps"], cfg["min_lr_ratio"]
+            self.state.update(planned=False, train_s=0.0)
         self.restored = True
         log.info("resumed at step %d (%d samples seen)", self.state["step"], self.state["samples"])
 
@@ -130,6 +144,8 @@ class Trainer:
             metrics = train_step(self.module, self.optimizer, self.scheduler, self.train_rows, cfg, rank, world,
                                  self.worker.device, self.pad_id, self.state)
             step = self.state["step"]
+            if rank == 0:
+                self.history.append(metrics)  # evaluation adds its val_* entries to this dict below
             step_times.append(metrics["step_s"])
             if cfg["fail_at_step"] == step and not self.restored and rank == world - 1:
                 log.error("fail_at_step=%d: this worker exits now (testing recovery)", step)
@@ -147,12 +163,25 @@ class Trainer:
                 log.info(progress_line(metrics, schedule.total, (schedule.total - step) * sum(recent) / len(recent)))
             write = None
             if step % cfg["checkpoint_every"] == 0 or last:
-                state = dict(self.state, metrics=metrics, config=cfg)
+                state = dict(self.state, metrics=metrics, config=cfg, history=self.history)
                 write = lambda directory: save_checkpoint(directory, self.module, self.optimizer, self.scheduler, state, rank, world)  # noqa: E731
             report(metrics, write)
             if stop:
                 log.info("max_minutes=%s reached after step %d: stopping", cfg["max_minutes"], step)
                 break
+        if rank == 0 and self.history:
+            self._write_curve()
+
+    def _write_curve(self) -> None:
+        """The training curve (PNG) and its metrics (JSON lines) in the run directory."""
+        run_dir = self.config["run_dir"]
+        if not is_uri(run_dir):
+            log.info("training curve: %s", write_curve(self.history, Path(run_dir)))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_curve(self.history, Path(tmp))
+            upload(Path(tmp), run_dir)
+        log.info("training curve: %s/%s", run_dir, CURVE_FILE)
 
     def _plan_steps(self, step_times: list[float]) -> None:
         """Size the run to its time budget from the measured step time (rank 0's measurement,
@@ -168,11 +197,10 @@ class Trainer:
         log.info("time budget %.1f min at %.2f s/step: %d steps (max_steps %d)", cfg["max_minutes"], per_step,
                  schedule.total, cfg["max_steps"])
 
-    def export(self) -> Path | None:
+    def export(self) -> str | None:
         """5. A plain Hugging Face checkpoint (or artifact) in export_dir; its path on rank 0."""
         self.module.eval()
-        sharded = self.cfg["strategy"] == "fsdp" and self.worker.world > 1
-        path = export(self.module, self.loaded, self.cfg, Path(self.config["export_dir"]), self.worker.rank, sharded=sharded)
+        path = export(self.module, self.loaded, self.cfg, self.config["export_dir"], self.worker.rank)
         if path is not None:
             log.info("export: %s", path)
         return path

@@ -16,6 +16,8 @@ from ..model.load import resolve_path
 from ..model.sat import CONFIG_FILE, SATConfig
 from .checkpoint import find_checkpoint, read_state
 from .data import load_texts, pack
+from .distill import read_prompts
+from .storage import is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Plan:
     run_name: str
-    run_dir: Path
-    export_dir: Path
+    run_dir: str  # a local path or a URI (storage.py)
+    export_dir: str  # a local path or a URI
     train_rows: np.ndarray  # [N, row_len] int32 token rows
     val_rows: np.ndarray | None  # [M, row_len], None without validation
     resume_from: str | None  # a checkpoint directory
@@ -36,11 +38,23 @@ def prepare(cfg: dict) -> Plan:
     train_rows = packed_rows(cfg, tokenizer, "train")
     val_rows = packed_rows(cfg, tokenizer, "validation") if cfg["eval_every"] else None
     name = cfg["name"]
-    run_dir = Path(cfg["storage_path"]).expanduser() / name
-    # Absolute: Ray Train workers run in their own working directory.
-    export_dir = Path(cfg["export_dir"]).expanduser().resolve() if cfg["export_dir"] else run_dir / "export"
-    check_export_dir(export_dir)
+    run_dir = join(cfg["storage_path"], name)
+    if cfg["export_dir"] is None:
+        export_dir = join(run_dir, "export")
+    else:  # absolute: Ray Train workers run in their own working directory
+        export_dir = cfg["export_dir"] if is_uri(cfg["export_dir"]) else str(Path(cfg["export_dir"]).expanduser().resolve())
+    if not is_uri(export_dir):
+        check_export_dir(Path(export_dir))
+    if cfg["resume_from"] and is_uri(cfg["resume_from"]):
+        raise ValueError(f"resume_from={cfg['resume_from']!r}: give a local or shared path (a run kept at a URI "
+                         "resumes when it is started again with the same name and storage_path)")
     resume = str(check_resume(cfg)) if cfg["resume_from"] else None
+    if cfg["distill_max_new_tokens"] and cfg["distill_prompts"]:
+        prompts = read_prompts(cfg["distill_prompts"])
+        too_big = max(max(p) for p in prompts)
+        if too_big >= len(tokenizer):
+            raise ValueError(f"distill_prompts={cfg['distill_prompts']!r}: token id {too_big} is beyond the vocabulary "
+                             f"of model {cfg['model']!r} ({len(tokenizer)} tokens)")
     return Plan(name, run_dir, export_dir, train_rows, val_rows, resume, model_sats)
 
 

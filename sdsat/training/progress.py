@@ -39,5 +39,5 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100 * self.done / self.total if self.total else 100.0
         eta_text = duration(eta) if eta != float("inf") else "?"
-        return (f"{self.what}: {self.done:g}/{self.total:g} {self.unit} ({pct:.0f}%) | {rate:.3g} {self.unit}/s"
+        return (f"{self.what}: {self.done:.4g}/{self.total:.4g} {self.unit} ({pct:.0f}%) | {rate:.3g} {self.unit}/s"
                 f" | elapsed {duration(elapsed)} | eta {eta_text}")

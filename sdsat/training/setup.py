@@ -55,7 +55,7 @@ def build_model(cfg: dict) -> LoadedModel:
     return loaded
 
 
-def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> dict:
+def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast_frozen: bool = True) -> dict:
     """Set requires_grad for the training mode; return the optimizer options (lr, weight_decay)
     of the trainable parameters (collected after wrapping: FSDP replaces parameters).
 
@@ -63,8 +63,8 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
     sat_embeddings: only the input embedding trains, and a gradient hook zeroes every row
     but the SAT rows, so the base model stays bit-identical (AdamW moves a row only when
     it has had a gradient; weight decay is off for this group).
-    sat_adapter: the base model is frozen (and, with precision=bf16, cast to bf16: it needs
-    no fp32 master copy); a SAT adapter (sdsat/model/adapter.py, fp32) trains, its SAT rows at
+    sat_adapter: the base model is frozen (and, with precision=bf16 and cast_frozen, cast to
+    bf16: it needs no fp32 master copy; under FSDP the mixed-precision policy casts instead); a SAT adapter (sdsat/model/adapter.py, fp32) trains, its SAT rows at
     sat_lr and its low-rank deltas at lr. Standard tokens then run without gradients.
     """
     if cfg["train"] == "full":
@@ -83,7 +83,7 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
     if cfg["train"] == "sat_adapter":
         for p in model.parameters():
             p.requires_grad_(False)
-        if cfg["precision"] == "bf16":
+        if cfg["precision"] == "bf16" and cast_frozen:
             model.to(torch.bfloat16)
         adapter = get_adapter(model)
         if adapter is None:
@@ -97,27 +97,18 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict) -> d
 
 
 def wrap(module: LossModule, cfg: dict, device: torch.device, world_size: int) -> torch.nn.Module:
-    """DDP (replicas, gradient all-reduce) or FSDP2 (one shard group per decoder layer)."""
+    """The module on its device, in DDP (replicas, gradient all-reduce) when there are several
+    ranks. (strategy=fsdp builds its sharded module in sdsat/training/fsdp.py instead.)"""
+    if cfg["activation_checkpointing"]:
+        module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module.to(device)
     if world_size == 1:
         return module
-    if cfg["strategy"] == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [device] if device.type == "cuda" else None
-        # Buffers (rotary tables) are the same on every rank: no per-forward broadcast.
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
-    from torch.distributed.fsdp import fully_shard
-
-    layer_classes = set(getattr(module.model, "_no_split_modules", None) or [])
-    layers = [m for m in module.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise ValueError(f"strategy=fsdp: cannot find the decoder layers of {type(module.model).__name__}")
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(module)
-    log.info("FSDP: %d decoder layers sharded over %d workers", len(layers), world_size)
-    return module
+    device_ids = [device] if device.type == "cuda" else None
+    # Buffers (rotary tables) are the same on every rank: no per-forward broadcast.
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def make_optimizer(module: torch.nn.Module, options: dict, device: torch.device) -> torch.optim.Optimizer:
