@@ -94,10 +94,11 @@ def _possible_resources() -> dict | None:
 def _distill_with_tasks(cfg: FinetuneConfig, parts: list) -> list:
     """One Ray task per part, each with a worker's CPUs (and its GPU, where workers get one)."""
     task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(_distill_task)
-    return ray.get([task.remote(cfg.model_dump(), part) for part in parts])
+    return ray.get([task.remote(cfg.model_dump(), part, i) for i, part in enumerate(parts)])
 
 
-def _distill_task(values: dict, prompts: list) -> list:
+def _distill_task(values: dict, prompts: list, part: int) -> list:
+    _setup_logging(f"distill {part}")  # its progress lines reach the driver's output
     return distill_part(values, prompts)
 
 
@@ -105,7 +106,7 @@ def train_func(config: dict) -> None:
     """Run on every Ray Train worker."""
     ctx = ray.train.get_context()
     worker = Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
-    _setup_logging(worker.rank)
+    _setup_logging(f"rank {worker.rank}")
     val_rows = ray.get(config["val_rows"]) if config["val_rows"] is not None else None
     trainer = Trainer(config, worker, ray.get(config["train_rows"]), val_rows)
     registered = ray.train.get_checkpoint()
@@ -125,11 +126,11 @@ def _report(metrics: dict, write_checkpoint) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:06d}")
 
 
-def _setup_logging(rank: int) -> None:
+def _setup_logging(prefix: str) -> None:
     logger = logging.getLogger("sdsat")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+        handler.setFormatter(logging.Formatter(f"[{prefix}] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False

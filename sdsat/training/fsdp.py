@@ -32,7 +32,7 @@ def build_sharded(cfg: dict, rank: int, device: torch.device) -> tuple[LoadedMod
 
     full = build_model(cfg) if rank == 0 else None  # the host copy, rank 0 only
     shared = [full.sat if full is not None else None]
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, device=device)  # NCCL sends objects through the device
     skeleton = meta_model(cfg, shared[0])
     if full is not None:
         skeleton.tokenizer = full.tokenizer  # with the SATs added: rank 0 exports it
