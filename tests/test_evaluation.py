@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sdsat.evaluation.gate import GateConfig, Quality, judge, run_gate, write_verdict
-from sdsat.evaluation.humaneval import load_problems, score, truncate
+from sdsat.evaluation.humaneval import score, truncate
+from sdsat.evaluation.problems import load_problems
 from sdsat.evaluation.loglik import mean_loglik
 from sdsat.evaluation.sandbox import SandboxLimits, run_python
 from sdsat.model.adapter import AdapterConfig, attach_adapter

