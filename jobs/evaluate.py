@@ -9,8 +9,9 @@ raw, no stop sequences, batch 1; plain greedy against SDSAT's two-step greedy it
 each k on the same model, plain first and then every k on each prompt in turn; wall time of
 each generate call, prefill included. k above the model's SATs is dropped (the JSON says
 where it was capped). Speed across batch size runs the default decoder against plain at each
-batch size. Both report tokens/s, speedup, tau (new tokens per iteration), tokens per pass
-and acceptance per draft offset, and are drawn as PNG plots next to the JSON.
+batch size, on --batch-limit prompts (default: the largest batch size). Both report tokens/s,
+speedup, tau (new tokens per iteration), tokens per pass and acceptance per draft offset,
+and are drawn as PNG plots next to the JSON.
 
 Quality (--base, or --quality for the model alone): pass@1 on HumanEval with completions run
 in a sandbox, and the mean per-token log-likelihood of held-out text (sdsat/evaluation/gate.py).
@@ -127,17 +128,19 @@ def speed(args, loaded: LoadedModel) -> dict:
         raise SystemExit(f"--model {args.model} has {model_k} SATs: no k of {args.k} fits")
     if len(ks) < len(args.k):
         log.warning("the model has %d SATs: k capped at %d (asked for %s)", model_k, model_k, args.k)
-    prompts = [loaded.tokenizer.encode(p.prompt) for p in load_problems(args.limit)]
+    prompts = [loaded.tokenizer.encode(p.prompt) for p in load_problems(max(args.limit, args.batch_limit))]
     warm = prompts[:1]  # first-call costs stay out of the timings
     for name in ("plain", "two-step", "default"):
         Tally().run(decoder(name, max(ks)), loaded, warm, 4)
     return {
-        "prompts": f"humaneval:{len(prompts)}",
+        "prompts": f"humaneval:{args.limit}",
+        "batch_prompts": f"humaneval:{args.batch_limit}",
         "max_new_tokens": args.max_new_tokens,
         "k_asked": args.k,
         "k_capped_at": model_k if len(ks) < len(args.k) else None,
-        "across_k": speed_across_k(loaded, prompts, ks, args.max_new_tokens),
-        "across_batch": speed_across_batch(loaded, prompts, args.batch_sizes, max(ks), args.max_new_tokens),
+        "across_k": speed_across_k(loaded, prompts[: args.limit], ks, args.max_new_tokens),
+        "across_batch": speed_across_batch(loaded, prompts[: args.batch_limit], args.batch_sizes, max(ks),
+                                           args.max_new_tokens),
     }
 
 
@@ -197,6 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512, help="tokens per prompt in the speed sweeps (the paper: 512)")
     p.add_argument("--k", type=_ks, default=list(range(1, 9)), help="k values of the two-step sweep: 1-8 or 1,2,5")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16], help="batch sizes of the default decoder")
+    p.add_argument("--batch-limit", type=int, default=0,
+                   help="HumanEval prompts of the batch sweep (default: the largest batch size, so it runs full)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the speed sweeps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -215,6 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.limit < 1 or args.max_new_tokens < 1 or min(args.batch_sizes) < 1 or min(args.k) < 1:
         p.error("--limit, --max-new-tokens, --k and --batch-sizes must be >= 1")
+    args.batch_limit = args.batch_limit or max(args.batch_sizes)
     if args.quality is None:
         args.quality = bool(args.base)
     if not args.speed and not args.quality:

@@ -61,10 +61,20 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def decoder(d: dict) -> str:
-    if d.get("decoder") == "two-step":
+    name = d.get("decoder", "")
+    if name == "two-step":
         return "two-step" + (" (oracle drafts)" if d.get("oracle_drafts") else "")
-    parts = ["fused"] + ([f"lookup {d['lookup']}"] if d.get("lookup") else []) + (["SAT gate"] if d.get("sat_gate") else [])
-    return ", ".join(parts)
+    if name == "fused":  # before the scheduler: fixed rules
+        return ", ".join(["fused"] + ([f"lookup {d['lookup']}"] if d.get("lookup") else [])
+                         + (["SAT gate"] if d.get("sat_gate") else []))
+    return name + (f", lookup {d['lookup']}" if d.get("lookup") else "")
+
+
+def pass_cost(d: dict) -> str:
+    """What a pass over 6 query tokens costs against a 1-token pass, where the run measured it."""
+    ratios = d.get("pass_cost") or {}
+    six = ratios.get("6", ratios.get(6))
+    return f"{six:.2f}x" if six is not None else "not recorded"
 
 
 def divergences(d: dict) -> str:
@@ -107,19 +117,19 @@ def speed_rows(results: list[tuple[Path, dict]], base: Path) -> list[list]:
             benches.setdefault(grouped(d), []).append((path, d))
         elif kind(d) == "evaluate" and "speed" in d:
             for r in d["speed"]["across_batch"]:
-                rows.append([machine(d), model_name(d["model"]), d["dtype"], r["batch"], r["k"], "default",
+                rows.append([machine(d), pass_cost(d), model_name(d["model"]), d["dtype"], r["batch"], r["k"], "default",
                              f"{r['plain_tokens_per_s']:.1f}", f"{r['sdsat_tokens_per_s']:.1f}",
                              f"**{r['speedup']:.2f}x**", link(path, base)])
     for runs in benches.values():
         d = runs[0][1]
-        rows.append([machine(d), model_name(d["model"]), d["dtype"], d["batch"], d["k"], decoder(d),
+        rows.append([machine(d), pass_cost(d), model_name(d["model"]), d["dtype"], d["batch"], d["k"], decoder(d),
                      spread([r["plain_tokens_per_s"] for _, r in runs]), spread([r["sdsat_tokens_per_s"] for _, r in runs]),
                      "**" + spread([r["speedup"] for _, r in runs], "{:.2f}", "x") + "**",
                      ", ".join(link(p, base) for p, _ in runs)])
-    return sorted(rows, key=lambda row: (row[1] != "default", row[2], row[3], row[4]))
+    return sorted(rows, key=lambda row: (row[2] != "default", row[3], row[4], row[5]))
 
 
-SPEED_HEADER = ["machine", "model", "dtype", "batch", "k", "decoder", "plain tok/s", "SDSAT tok/s", "speedup", "files"]
+SPEED_HEADER = ["machine", "6-token pass cost", "model", "dtype", "batch", "k", "decoder", "plain tok/s", "SDSAT tok/s", "speedup", "files"]
 
 
 def speed_table(results: list[tuple[Path, dict]], base: Path) -> list[str]:

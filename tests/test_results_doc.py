@@ -59,7 +59,7 @@ def test_runs_of_one_command_share_a_row_and_plots_are_embedded(tmp_path):
     assert "1 of 1 float32 runs identical" in doc and "prompt 7 (margin 0.300) in 1" in doc
     readme = render_readme(f"intro\n{BEGIN}\nold table\n{END}\nrest\n", results, tmp_path / "README.md")
     assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith(f"{END}\nrest\n")
-    assert "| 4 | 5 | default |" in readme and "(results/evaluate.json)" in readme
+    assert "| 4 | 5 | default |" in readme and "| not recorded |" in readme and "(results/evaluate.json)" in readme
 
 
 def test_a_result_without_its_command_is_refused(tmp_path):
