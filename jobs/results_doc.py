@@ -5,8 +5,8 @@
 
 A result is current while its JSON sits in results/ (top level): replace or delete a file
 once it no longer describes the code (git history keeps it). Every file names the command
-that made it (``command``, stamped by jobs/report.py) and its host; a file without a command
-is refused. Files are grouped by the script of their command: jobs/bench.py,
+that made it and its machine: ``command`` at the top or inside the ``machine`` record
+(CPU, its flags, cores, torch threads, GPU); a file without a command is refused. Files are grouped by the script of their command: jobs/bench.py,
 jobs/bench_peer.py, jobs/load_test.py and jobs/evaluate.py.
 """
 
