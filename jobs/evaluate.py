@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -37,10 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from jobs.eval_plots import plot_all  # noqa: E402
-from jobs.report import write_json  # noqa: E402
+from jobs.report import machine_info, write_json  # noqa: E402
 from sdsat.decode.batch import Sequence  # noqa: E402
-from sdsat.decode.gate import SatGate  # noqa: E402
-from sdsat.decode.generate import generate, make_sequences  # noqa: E402
+from sdsat.decode.generate import default_scheduler, generate, make_sequences  # noqa: E402
 from sdsat.decode.stats import DecodeStats  # noqa: E402
 from sdsat.evaluation.gate import GateConfig, Verdict, held_out_texts, measure, run_gate, write_verdict  # noqa: E402
 from sdsat.evaluation.problems import load_problems  # noqa: E402
@@ -55,11 +53,10 @@ def decoder(name: str, k: int) -> Decoder:
     """The decoders compared. The one place that names decode options: adapt it when they change."""
     if name == "plain":
         return lambda loaded, seqs: generate(loaded, seqs, 0)
-    if name == "two-step":  # the paper's iteration: a draft pass, then a verify pass
+    if name == "two-step":  # the paper's iteration: a draft pass, then a verify pass, at a fixed k
+        return lambda loaded, seqs: generate(loaded, seqs, k, two_step=True)
+    if name == "default":  # what bench and serving run: the scheduled fused decoder, one scheduler per model
         return lambda loaded, seqs: generate(loaded, seqs, k)
-    if name == "default":  # what bench and serving run
-        gate = SatGate()  # one for the whole sweep: it learns from every pass
-        return lambda loaded, seqs: generate(loaded, seqs, k, fused=True, lookup=10, lookup_first=True, gate=gate)
     raise ValueError(f"unknown decoder {name!r}")
 
 
@@ -130,9 +127,10 @@ def speed(args, loaded: LoadedModel) -> dict:
         log.warning("the model has %d SATs: k capped at %d (asked for %s)", model_k, model_k, args.k)
     prompts = [loaded.tokenizer.encode(p.prompt) for p in load_problems(max(args.limit, args.batch_limit))]
     warm = prompts[:1]  # first-call costs stay out of the timings
-    for name in ("plain", "two-step", "default"):
+    for name in ("plain", "two-step", "default"):  # the default one measures its pass costs here
         Tally().run(decoder(name, max(ks)), loaded, warm, 4)
     return {
+        "pass_cost": default_scheduler(loaded).cost.ratios(),
         "prompts": f"humaneval:{args.limit}",
         "batch_prompts": f"humaneval:{args.batch_limit}",
         "max_new_tokens": args.max_new_tokens,
@@ -175,21 +173,6 @@ def gate_export(base: str, export: str | Path, problems: int | None = None) -> i
 
 def _without_completions(q: dict) -> dict:
     return {k: v for k, v in q.items() if k != "completions"}
-
-
-def machine() -> dict:
-    """What decides pass costs: the CPU and whether it has native bf16, cores, torch threads, GPU."""
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_flags": [], "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            info["cpu"] = value.strip()
-        elif key.strip() == "flags":
-            info["cpu_flags"] = sorted({"avx2", "avx512_bf16", "amx_bf16"} & set(value.split()))
-    return info
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -248,7 +231,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "jobs/evaluate.py", *(sys.argv[1:] if argv is None else argv)])
-    result: dict = {"command": command, "machine": machine(), "model": args.model, "base": args.base or None,
+    result: dict = {"command": command, "machine": machine_info(), "model": args.model, "base": args.base or None,
                     "dtype": args.dtype, "device": args.device}
     verdict = None
     if args.speed:

@@ -72,7 +72,7 @@ def decoder(d: dict) -> str:
 
 def pass_cost(d: dict) -> str:
     """What a pass over 6 query tokens costs against a 1-token pass, where the run measured it."""
-    ratios = d.get("pass_cost") or {}
+    ratios = d.get("pass_cost") or d.get("speed", {}).get("pass_cost") or {}
     six = ratios.get("6", ratios.get(6))
     return f"{six:.2f}x" if six is not None else "not recorded"
 
@@ -136,12 +136,15 @@ def speed_table(results: list[tuple[Path, dict]], base: Path) -> list[str]:
     rows = speed_rows(results, base)
     if not rows:
         return ["No current speed results: run jobs/bench.py or jobs/evaluate.py."]
-    return table(SPEED_HEADER, rows) + ["", exactness(results)]
+    line = exactness(results)
+    return table(SPEED_HEADER, rows) + (["", line] if line else [])
 
 
 def exactness(results: list[tuple[Path, dict]]) -> str:
     """One line: how the bench runs' outputs compare with plain greedy, per dtype."""
     benches = [d for _, d in results if kind(d) == "bench"]
+    if not benches:
+        return ""
     fp32 = [d for d in benches if d["dtype"] == "float32"]
     low = [d for d in benches if d["dtype"] != "float32"]
     parts = [f"Exactness: {sum(d['identical'] for d in fp32)} of {len(fp32)} float32 runs identical to plain greedy"]
