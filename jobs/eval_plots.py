@@ -23,6 +23,7 @@ def plot_all(result: dict, directory: str | Path) -> dict[str, Path]:
     ax.plot([r["k"] for r in across_k], [r["speedup"] for r in across_k], "o-", label="speedup")
     ax.plot([r["k"] for r in across_k], [r["tokens_per_forward"] for r in across_k], "s--", label="tokens per pass")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="k (SATs per draft)", ylabel="x plain greedy", title=f"Two-step SDSAT, batch 1\n{title}")
     ax.legend()
     paths["speedup_vs_k"] = _save(fig, directory / "speedup_vs_k.png")

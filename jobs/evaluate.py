@@ -233,12 +233,13 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "jobs/evaluate.py", *(sys.argv[1:] if argv is None else argv)])
     result: dict = {"command": command, "machine": machine_info(), "model": args.model, "base": args.base or None,
                     "dtype": args.dtype, "device": args.device}
-    verdict = None
+    verdict, load_at_start = None, os.getloadavg()[0]
     if args.speed:
         result["speed"] = speed(args, load_model(args.model, dtype=args.dtype, device=args.device))
     if args.quality:
         loaded = None if args.base else load_model(args.model, dtype=args.gate_dtype, device=args.device)
         result["quality"], verdict = quality(args, loaded)
+    result["load_average"] = [load_at_start, os.getloadavg()[0]]  # 1-minute, at start and end: a shared machine is noisy
     plots = Path(args.plots) if args.plots else Path(args.json).with_suffix("")
     if args.speed:  # stored relative to the JSON's folder, so the two move together
         drawn = plot_all(result, plots)

@@ -99,6 +99,14 @@ def machine(d: dict) -> str:
     return text + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
 
 
+def load(d: dict) -> str:
+    """The machine's 1-minute load average at the start and end of the run, where recorded."""
+    if not d.get("load_average"):
+        return ""
+    start, end = d["load_average"]
+    return f", load average {start:.1f} at the start and {end:.1f} at the end"
+
+
 def model_name(name: str) -> str:
     return "/".join(Path(name).parts[-2:]) if "/" in name else name
 
@@ -227,7 +235,7 @@ def evaluate_section(results, base) -> list[str]:
     out = []
     for path, d in ((p, d) for p, d in results if kind(d) == "evaluate"):
         out += [f"## Evaluation (`jobs/evaluate.py`): {path.name}", "", f"`{grouped(d)}`", "",
-                f"Model `{d['model']}`, {d['dtype']}, {machine(d)}.", ""]
+                f"Model `{d['model']}`, {d['dtype']}, {machine(d)}{load(d)}.", ""]
         if "speed" in d:
             s = d["speed"]
             capped = f" k capped at {s['k_capped_at']}, the model's SATs." if s.get("k_capped_at") else ""

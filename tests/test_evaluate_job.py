@@ -41,7 +41,8 @@ def test_speed_sweeps_write_json_and_plots_and_cap_k(tiny_with_sats, tmp_path):
     assert sorted(result["plots"]) == ["acceptance_per_offset", "speedup_vs_batch", "speedup_vs_k"]
     for rel in result["plots"].values():
         assert (out.parent / rel).read_bytes()[:8] == PNG
-    assert "quality" not in result
+    assert "quality" not in result and len(result["load_average"]) == 2
+    assert speed["pass_cost"]["1"] == 1.0
 
 
 def test_gate_fails_a_checkpoint_made_worse_on_purpose(tiny_with_sats, tmp_path):
