@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"fine-tuned model exported to {plan.export_dir}")
     print(f"checkpoints: {plan.run_dir}")
+    if args.eval is not None:
+        from jobs.evaluate import gate_export
+
+        return gate_export(cfg.model, plan.export_dir, args.eval or None)
     return 0
 
 

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with any of the fields below (with no --config and no field flag at all: configs/finetune_default.yaml, the default recipe).")
     parser.add_argument("--dry-run", action="store_true", help="Check the config, model and data, print the plan and exit without training.")
+    parser.add_argument("--eval", nargs="?", const=0, type=int, metavar="N", help="After the export, run the quality gate (jobs/evaluate.py) against the base model on the first N HumanEval problems (no N: all 164); a failing export exits with status 3 and its quality_gate.json says why.")
     for name, field in FinetuneConfig.model_fields.items():
         nullable = type(None) in typing.get_args(field.annotation)
         help_text = f"{field.description} [{_flag_type(field.annotation)}{', or none' if nullable else ''}; default: {field.default}]"

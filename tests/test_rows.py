@@ -1,6 +1,6 @@
 """Training rows: layout, labels, positions, the attention mask cell by cell, and logits.
 
-The property that matters (DESIGN.md, "Training"): in an augmented, padded batch the
+The property that matters (docs/design.md, "Training"): in an augmented, padded batch the
 standard tokens' logits equal a plain forward of the standard sequence, and SAT i of an
 anchor t sees exactly x_0..x_t, sat_1..sat_i.
 """
@@ -40,7 +40,7 @@ def blocks(row):
 
 
 def reference_allowed(row) -> list[list[bool]]:
-    """The DESIGN.md rules written cell by cell, independently of sdsat.training.rows."""
+    """The docs/design.md rules written cell by cell, independently of sdsat.training.rows."""
     n = len(row["input_ids"])
     std_len = row["block_id"].count(-1)
     grid = [[False] * n for _ in range(n)]

@@ -1,6 +1,6 @@
 """Greedy decoding steps: plain, and SDSAT's two-step draft-then-verify.
 
-Terms (DESIGN.md): for each row, ``last`` is its newest token, not yet in the KV cache.
+Terms (docs/design.md): for each row, ``last`` is its newest token, not yet in the KV cache.
 - draft pass: feed [last, sat_1..sat_k]. The argmax at ``last`` is y0 (exact); the argmax
   at sat_i is draft d_i. Keep ``last`` in the cache, drop the SAT keys.
 - verify pass: feed [y0, d_1..d_k] and take argmaxes z_0..z_k. a = the longest prefix with

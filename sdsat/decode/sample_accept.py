@@ -1,6 +1,6 @@
 """Speculative sampling: accept drafts so that the output is distributed exactly as plain sampling.
 
-Terms (DESIGN.md, "Sampling"): the *target* at a node is the processed distribution of the
+Terms (docs/design.md, "Sampling"): the *target* at a node is the processed distribution of the
 next token given the context and the node's path (:mod:`sdsat.decode.target`).
 
 Deterministic drafts (lookup tries, greedy SAT drafts: one token per node, no proposal

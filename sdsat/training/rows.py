@@ -1,6 +1,6 @@
 """Training rows: a standard sequence followed by SAT blocks that never touch standard tokens.
 
-DESIGN.md, "Training". A row is x_0..x_{L-1} followed by n SAT blocks,
+docs/design.md, "Training". A row is x_0..x_{L-1} followed by n SAT blocks,
 n ~ Poisson(lambda) clipped to [1, max_blocks], each for an anchor t uniform in [0, L-2]:
 - block token i (1-based) has position id t+i, attends to standard tokens 0..t and to
   block tokens 1..i, and its label is x_{t+i+1} (ignored past the end);

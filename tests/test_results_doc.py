@@ -1,0 +1,76 @@
+"""docs/results.md and the README's speed table are generated from results/*.json and current."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.results_doc import BEGIN, END, load_results, main, render_doc, render_readme
+
+
+def test_generated_docs_are_current():
+    """Fails when results/ changed but docs/results.md or README.md was not regenerated:
+    run python jobs/results_doc.py."""
+    assert main(["--check"]) == 0
+
+
+def _bench(speedup: float, json_name: str, dtype: str = "bfloat16", mismatches=()) -> dict:
+    return {
+        "command": f"python jobs/bench.py --num-sat 5 --dtype {dtype} --json results/{json_name}",
+        "machine": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "cores": 2, "torch_threads": 2, "gpu": None},
+        "model": "default", "dtype": dtype, "k": 5, "batch": 1, "prompts": "humaneval:2", "max_new_tokens": 8,
+        "decoder": "fused", "lookup": 16, "plain_tokens_per_s": 10.0, "sdsat_tokens_per_s": 10.0 * speedup,
+        "speedup": speedup, "tau": 2.0, "tokens_per_forward": 2.0, "accept_rate_per_offset": [0.5, 0.25],
+        "identical": not mismatches, "token_match_rate": 1.0 if not mismatches else 0.5,
+        "near_tie_threshold_fp32": 0.25, "non_tie_mismatches": list(mismatches),
+    }
+
+
+def _evaluate(tmp_path) -> dict:
+    row = {"plain_tokens_per_s": 10.0, "sdsat_tokens_per_s": 15.0, "speedup": 1.5, "tau": 2.5,
+           "tokens_per_forward": 1.25, "accept_rate_per_offset": [0.6, 0.4]}
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "speedup_vs_k.png").write_bytes(b"png")
+    return {
+        "command": "python jobs/evaluate.py --limit 2 --json results/evaluate.json",
+        "machine": {"cpu": "Test CPU", "cpu_flags": ["avx512_bf16"], "cores": 16, "torch_threads": 8, "gpu": None},
+        "model": "default", "dtype": "bfloat16", "device": "cpu",
+        "speed": {"prompts": "humaneval:2", "max_new_tokens": 8, "k_capped_at": 5,
+                  "across_k": [row | {"k": 1}, row | {"k": 2}], "across_batch": [row | {"batch": 4, "rows": 2, "k": 5}]},
+        "plots": {"speedup_vs_k": "evaluate/speedup_vs_k.png"},
+    }
+
+
+def test_runs_of_one_command_share_a_row_and_plots_are_embedded(tmp_path):
+    results_dir, docs = tmp_path / "results", tmp_path / "docs"
+    results_dir.mkdir()
+    tie = {"prompt": 7, "margin_fp32": 0.3, "position": 0}
+    for name, data in {"a.json": _bench(2.0, "a.json", mismatches=[tie]), "b.json": _bench(2.2, "b.json"),
+                       "c.json": _bench(1.4, "c.json", dtype="float32")}.items():
+        (results_dir / name).write_text(json.dumps(data))
+    (results_dir / "evaluate.json").write_text(json.dumps(_evaluate(results_dir)))
+    results = load_results(results_dir)
+    doc = render_doc(results, docs / "results.md")
+    assert "**2.00-2.20x (2 runs)**" in doc and "**1.40x**" in doc
+    assert "Test CPU, 2 cores, no native bf16, 2 threads" in doc and "Test CPU, 16 cores, native bf16, 8 threads" in doc
+    assert "`python jobs/bench.py --num-sat 5 --dtype bfloat16`" in doc  # the command, its --json left out
+    assert "![speedup_vs_k](../results/evaluate/speedup_vs_k.png)" in doc and "k capped at 5" in doc
+    assert "1 of 1 float32 runs identical" in doc and "prompt 7 (margin 0.300) in 1" in doc
+    readme = render_readme(f"intro\n{BEGIN}\nold table\n{END}\nrest\n", results, tmp_path / "README.md")
+    assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith(f"{END}\nrest\n")
+    assert "| 4 | 5 | default |" in readme and "| not recorded |" in readme and "(results/evaluate.json)" in readme
+
+
+def test_a_result_without_its_command_is_refused(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"speedup": 2.0}))
+    with pytest.raises(ValueError, match="old.json: no 'command'"):
+        load_results(tmp_path)
+    (tmp_path / "old.json").write_text(json.dumps({"command": "python jobs/other.py"}))
+    with pytest.raises(ValueError, match="not a command of"):
+        render_doc(load_results(tmp_path), tmp_path / "docs" / "results.md")
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="markers"):
+        render_readme("no markers here\n", [], tmp_path / "README.md")
