@@ -12,11 +12,11 @@ All functions take a batch; rows keep their own cache lengths (:class:`SlotCache
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .kv_cache import SlotCache
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill pass
 
 
 def forward(
@@ -37,7 +37,7 @@ def forward(
 
 def _timed(module, cache: SlotCache, input_ids: torch.Tensor, block_mask=None, offsets=None):
     """Run ``module`` over the new tokens, adding its time to ``cache.forward_seconds``."""
-    start = time.perf_counter()
+    cache.timer.start()
     q = input_ids.shape[1]
     mask = cache.prepare(q, cache.dtype, block_mask)
     out = module(
@@ -47,9 +47,7 @@ def _timed(module, cache: SlotCache, input_ids: torch.Tensor, block_mask=None, o
         cache=cache,
         use_cache=True,
     )
-    if cache.sync_timing:
-        torch.cuda.synchronize(cache.device)
-    cache.forward_seconds += time.perf_counter() - start
+    cache.timer.stop()
     return out
 
 
@@ -60,12 +58,16 @@ def greedy(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int, on_hidden=None) -> torch.Tensor:
+def prefill(
+    model, cache: SlotCache, prompts: list[list[int]], pad_id: int, on_hidden=None, chunk: int = PREFILL_CHUNK
+) -> torch.Tensor:
     """Write every prompt but its last token into the cache; return ``last`` [B].
 
     Prompts of different lengths are right-padded: the pads sit beyond each row's length,
-    so no real token sees them and the next pass overwrites them. on_hidden(hidden [B, W, H]):
-    called with the pass's last hidden states (for prompt log-probabilities).
+    so no real token sees them and the next pass overwrites them. Passes cover at most
+    ``chunk`` tokens per row, so activation memory stays bounded for long prompts.
+    on_hidden(hidden [B, W, H]): called with the last hidden states of the whole prompt
+    (for prompt log-probabilities).
     """
     device = cache.device
     body = [p[:-1] for p in prompts]
@@ -74,10 +76,14 @@ def prefill(model, cache: SlotCache, prompts: list[list[int]], pad_id: int, on_h
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
         for row, tokens in enumerate(body):
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        hidden = forward_hidden_only(model, cache, ids)
+        hiddens = []
+        for start in range(0, width, chunk):
+            hidden = forward_hidden_only(model, cache, ids[:, start : start + chunk])
+            cache.advance([min(max(len(b) - start, 0), chunk) for b in body])
+            if on_hidden is not None:
+                hiddens.append(hidden)
         if on_hidden is not None:
-            on_hidden(hidden)
-        cache.advance([len(b) for b in body])
+            on_hidden(torch.cat(hiddens, dim=1))
     return torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
 
 

@@ -7,14 +7,18 @@ rejected drafts is only a matter of not advancing ``lengths`` past them: their s
 masked and overwritten by the next pass. No row ever waits for or pads to another.
 
 It plugs into transformers through the public ``Cache`` interface, so the model's own
-attention code runs unchanged; the caller passes position ids and the 4D additive mask
-built by :meth:`SlotCache.attention_mask`.
+attention code runs unchanged; the caller passes position ids and the mask returned by
+:meth:`SlotCache.prepare`: None where the model's own causal mask is exact (every row equally
+long), so that SDPA can use its fused kernels; else a 4D mask, boolean for SDPA and additive
+float for other attention kernels (eager adds the mask, so a boolean one would be wrong there).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .pass_timer import PassTimer
 
 _GROW = 256  # capacity grows in steps of this many slots
 
@@ -80,15 +84,15 @@ class SlotCache(Cache):
 
     def __init__(self, num_layers: int, batch_size: int, capacity: int = _GROW):
         self.lengths: list[int] = [0] * batch_size
-        self.capacity = _round_up(capacity)
+        self.capacity = round_capacity(capacity)
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.kv_length = 0
         self.uniform_length: int | None = 0
         self.write_slots: torch.Tensor | None = None  # [B, q]
         self.device: torch.device | None = None
         self.dtype: torch.dtype = torch.float32  # of the model, for the additive mask
-        self.forward_seconds = 0.0  # time spent in passes over this cache
-        self.sync_timing = False  # synchronize CUDA before reading the clock
+        self.bool_mask = False  # the model's attention takes boolean masks (SDPA)
+        self.timer = PassTimer()  # time spent in passes over this cache
 
     @classmethod
     def for_model(cls, model, batch_size: int, capacity: int = _GROW) -> "SlotCache":
@@ -97,7 +101,8 @@ class SlotCache(Cache):
         param = next(model.parameters())
         cache.device = param.device
         cache.dtype = param.dtype
-        cache.sync_timing = param.device.type == "cuda"
+        cache.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        cache.timer = PassTimer(param.device)
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         probe = torch.empty(batch_size, heads, 0, head_dim, dtype=param.dtype, device=param.device)
@@ -106,23 +111,31 @@ class SlotCache(Cache):
         return cache
 
     @property
+    def forward_seconds(self) -> float:
+        return self.timer.seconds
+
+    @property
     def batch_size(self) -> int:
         return len(self.lengths)
 
-    def prepare(self, q: int, dtype: torch.dtype, block_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Get ready to write q tokens per row; return the additive mask [B, 1, q, kv_len].
+    def prepare(self, q: int, dtype: torch.dtype, block_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Get ready to write q tokens per row; return the mask [B, 1, q, kv_len] (see the module
+        docstring): None when every row is equally long and the block is causal, else boolean
+        (True: attend) if ``bool_mask``, else additive in ``dtype``.
 
         block_mask: [q, q] bool, which new tokens see which (default: causal), or [B, q, q]
         for a mask per row.
         """
         needed = max(self.lengths) + q
         if needed > self.capacity:
-            self.capacity = _round_up(needed)
+            self.capacity = round_capacity(needed)
             for layer in self.layers:
                 layer.grow(self.capacity)
         self.kv_length = needed
         first = self.lengths[0]
         self.uniform_length = first if all(n == first for n in self.lengths) else None
+        if self.uniform_length is not None and block_mask is None:
+            return None  # the model's own causal mask (q_offset = the common length) is this one
         lengths = torch.tensor(self.lengths, device=self.device)  # [B]
         self.write_slots = lengths[:, None] + torch.arange(q, device=self.device)  # [B, q]
         slots = torch.arange(needed, device=self.device)  # [kv_len]
@@ -136,9 +149,11 @@ class SlotCache(Cache):
         batch = len(self.lengths)
         per_row = block_mask.expand(batch, q, q)  # one mask for every row, or [B, q, q] already
         sees = per_row.gather(2, rel.clamp(0, q - 1)[:, None, :].expand(-1, q, -1))  # [B, q, kv_len]
-        sees_new = sees & in_block[:, None, :]
+        allowed = past | (sees & in_block[:, None, :])  # [B, q, kv_len]
+        if self.bool_mask:
+            return allowed[:, None]
         mask = torch.zeros((batch, q, needed), dtype=dtype, device=self.device)
-        mask.masked_fill_(~(past | sees_new), torch.finfo(dtype).min)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
 
     def position_ids(self, q: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,5 +214,6 @@ class SlotCache(Cache):
         return max(self.lengths, default=0)
 
 
-def _round_up(n: int) -> int:
+def round_capacity(n: int) -> int:
+    """The capacity a cache grows to for n slots: a multiple of the growth step."""
     return max(_GROW, -(-n // _GROW) * _GROW)
