@@ -79,6 +79,7 @@ class Engine:
                 f"prompt has {len(prompt)} tokens; with max_new_tokens={n} it exceeds the model's context "
                 f"of {self.context} tokens (at most {self.context - margin - len(prompt)} new tokens fit)"
             )
+        self._loop.kv.check_alone(self._loop.kv.row_tokens(len(prompt), n))
         k = request.num_sat
         if k is not None and (not isinstance(k, int) or not 0 <= k <= self.model_sats):
             raise ValueError(f"num_sat must be an integer in 0..{self.model_sats} (this model's SATs), got {k!r}")

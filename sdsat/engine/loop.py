@@ -28,6 +28,7 @@ from ..decode.batch import Batch, Sequence, StepEvent
 from ..decode.calibrate import Calibration
 from ..decode.cost import PassCost
 from ..decode.scheduler import Scheduler
+from .kv_budget import KVBudget
 from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
 from ..model.load import LoadedModel
 from ..decode.target import SamplingParams
@@ -105,11 +106,17 @@ class Inbox:
         self.wake.set()
         return queued
 
-    def take(self, room: int | None = None) -> list[ActiveRequest]:
-        """Up to ``room`` queued requests (all of them if None), oldest first."""
+    def take(
+        self, room: int | None = None, fits: Callable[[ActiveRequest, list[ActiveRequest]], bool] | None = None
+    ) -> list[ActiveRequest]:
+        """Up to ``room`` queued requests (all of them if None), oldest first; with ``fits``,
+        stop at the first that does not fit beside those taken before it (no overtaking)."""
         with self.lock:
             n = len(self.pending) if room is None else min(room, len(self.pending))
-            return [self.pending.popleft() for _ in range(n)]
+            taken: list[ActiveRequest] = []
+            while len(taken) < n and (fits is None or fits(self.pending[0], taken)):
+                taken.append(self.pending.popleft())
+            return taken
 
     def take_cancels(self) -> dict[int, str]:
         with self.lock:
@@ -170,6 +177,8 @@ class DecodeLoop:
         self.width = 1  # query tokens per row of the latest pass
         self.batch = self._new_batch()
         self.running: dict[int, ActiveRequest] = {}  # seq_id -> request; this thread only
+        # The widest pass writes the root, two chains of k SAT drafts and the lookup trie.
+        self.kv = KVBudget.for_model(loaded.model, config.kv_budget_bytes, room=1 + 2 * num_sat + config.lookup)
 
     def _new_batch(self) -> Batch:
         return Batch(self.loaded.model, self.loaded.tokenizer, self.banned, self.pad_id, scheduler=self.scheduler)
@@ -215,7 +224,8 @@ class DecodeLoop:
     # ---- joining and leaving -------------------------------------------------------------
 
     def _admit(self) -> None:
-        self._prefill(self.batch, self.inbox.take(self.config.max_batch_size - len(self.batch)))
+        room = self.config.max_batch_size - len(self.batch)
+        self._prefill(self.batch, self.inbox.take(room, self._fits_kv if self.kv.budget_bytes is not None else None))
 
     def _prefill(self, batch: Batch, group: list[ActiveRequest]) -> None:
         """Let a group join a batch; if its prefill fails, retry one by one and fail only the culprits."""
@@ -234,6 +244,13 @@ class DecodeLoop:
             return
         for active in group:
             self.running[active.sequence.seq_id] = active
+
+    def _fits_kv(self, candidate: ActiveRequest, taken: list[ActiveRequest]) -> bool:
+        """Whether the KV cache has room for this request beside the running and taken ones,
+        each at its longest (a request alone always fits: Engine.validate refused the others)."""
+        rows = [self.kv.row_tokens(len(a.sequence.prompt_ids), a.sequence.max_new_tokens)
+                for a in [*self.running.values(), *taken, candidate]]
+        return len(rows) == 1 or self.kv.fits(rows[:-1], rows[-1])
 
     def _apply_cancels(self) -> None:
         cancels = self.inbox.take_cancels()

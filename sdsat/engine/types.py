@@ -22,6 +22,7 @@ class EngineConfig:
     calibration_budget_s: float = 8.0  # start-up measurement of pass costs (0: never draft)
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
+    kv_budget_bytes: int | None = None  # KV-cache bytes admission may fill (None: 90% of free GPU memory; CPU: no limit)
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -36,6 +37,8 @@ class EngineConfig:
             raise ValueError(f"calibration_budget_s must be >= 0, got {self.calibration_budget_s}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
+            raise ValueError(f"kv_budget_bytes must be > 0, got {self.kv_budget_bytes}")
 
 
 @dataclass
