@@ -1,9 +1,12 @@
 """The SDSAT Serve application: ``Router`` (HTTP) -> ``SDSATServer`` (model replicas).
 
-    serve run deployments.sdsat:app                      # the default model, default settings
+    serve run deployments.sdsat:app                      # the default model, default settings (CPU)
     serve run deployments.sdsat:build_app model=/path/to/checkpoint num_sat=4 dtype=float32 \
         replicas=1 max_replicas=4 gpus_per_replica=1 max_batch_size=16 api_key=secret
-    serve deploy configs/serve_default.yaml              # the same arguments from a config file
+    serve deploy configs/serve_cluster.yaml              # the same arguments from a config file
+
+Everything is decided from the arguments when the app is built, never from the machine that
+imports this module: a CPU head whose GPU workers are scaled to zero still builds GPU replicas.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.exposure import check_exposure, serve_http_host
 from deployments.router import Router, RouterSettings
 from deployments.server import SDSATServer, ServerSettings
 
@@ -35,8 +39,12 @@ class AppArgs(BaseModel):
     target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling target of ongoing requests per replica.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling: how long load must be high before adding replicas.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Autoscaling: how long load must be low before removing replicas.")
-    gpus_per_replica: float | None = Field(
-        None, ge=0, description="GPUs per model replica (default: 1 when the cluster or this machine has GPUs, else 0)."
+    gpus_per_replica: float = Field(
+        0, ge=0, description="GPUs per model replica: 0 (CPU), 1, or a fraction to share one GPU. The model sits on one GPU."
+    )
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="KV-cache budget per replica in GB; admission waits while it is full (default: 90% of the GPU "
+        "memory free after loading; no limit on CPU)."
     )
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per model replica (fractional allowed; <1 means 1 torch thread).")
     router_cpus: float = Field(0.1, gt=0, description="CPUs reserved per router replica.")
@@ -56,9 +64,18 @@ class AppArgs(BaseModel):
         8.0, ge=0, description="Seconds of start-up pass-cost measurement, interleaved with serving (0: never draft)."
     )
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without an API key even where Serve listens beyond loopback (logged). Without it such an app is refused."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
+        if self.gpus_per_replica > 1:
+            raise ValueError(
+                f"gpus_per_replica={self.gpus_per_replica:g}: a replica places its whole model on one GPU (a 7B model in "
+                "bf16 needs ~15 GB of weights, a 13B ~26 GB: both fit one 40-80 GB GPU), so more GPUs per replica would "
+                "sit idle; use gpus_per_replica=1 and raise replicas / max_replicas"
+            )
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be >= replicas ({self.replicas})")
         if self.max_batch_size > self.max_ongoing_requests:
@@ -70,22 +87,13 @@ def served_name(model: str) -> str:
     return "sdsat-" + model.rstrip("/").split("/")[-1]
 
 
-def detect_gpus() -> int:
-    """1 GPU per replica when the Ray cluster (or, before Ray starts, this machine) has GPUs."""
-    import ray
-
-    if ray.is_initialized():
-        return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    import torch
-
-    return 1 if torch.cuda.is_available() else 0
-
-
 def build_app(args: AppArgs | dict | None = None):
     """The application for these arguments (``serve run deployments.sdsat:build_app k=v ...``)."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     name = args.model_name or served_name(args.model)
-    gpus = detect_gpus() if args.gpus_per_replica is None else args.gpus_per_replica
+    gpus = args.gpus_per_replica
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    check_exposure(serve_http_host(), api_key, args.allow_unauthenticated)
     server = ServerSettings(
         model=args.model,
         model_name=name,
@@ -97,6 +105,8 @@ def build_app(args: AppArgs | dict | None = None):
         max_queue=max(args.max_ongoing_requests, args.max_batch_size),
         lookup=args.lookup,
         calibration_budget_s=args.calibration_budget_s,
+        gpus=gpus,
+        kv_cache_gb=args.kv_cache_gb,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},
@@ -114,11 +124,15 @@ def build_app(args: AppArgs | dict | None = None):
         }
     else:
         options["num_replicas"] = args.replicas
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     model_deployment = SDSATServer.options(**options).bind(server)
     router = Router.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_cpus})
     log.info("SDSAT app: model %s as %r, %s GPU(s)/replica, auth %s", args.model, name, gpus, "on" if api_key else "off")
     return router.bind(model_deployment, RouterSettings(model_name=name, api_key=api_key or None, replica_retries=args.replica_retries))
 
 
-app = build_app()
+def __getattr__(name: str):
+    """``deployments.sdsat:app``: the default app, built when asked for (not at import, so that
+    importing this module neither loads torch's device state nor checks the HTTP host)."""
+    if name == "app":
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,20 @@ class ServerSettings:
     max_queue: int = 256
     lookup: int = 16
     calibration_budget_s: float = 8.0
+    gpus: float = 0  # GPUs reserved per replica: > 0 loads the model on CUDA, 0 on the CPU
+    kv_cache_gb: float | None = None  # KV-cache budget for admission (None: 90% of free GPU memory; CPU: none)
+
+
+def replica_device(gpus: float) -> str:
+    """The device a replica with this GPU reservation loads its model on."""
+    if not gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this replica reserved {gpus:g} GPU(s) but sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the node's NVIDIA driver and that torch is a CUDA build"
+        )
+    return "cuda"
 
 
 def find_default_export() -> Path | None:
@@ -53,8 +68,6 @@ def find_default_export() -> Path | None:
     ``<repo>/exports/default`` (pass one of them as ``jobs/finetune.py``'s export_dir). A
     directory counts when it holds a checkpoint whose SATs were trained.
     """
-    import os
-
     from sdsat.model.default_model import cache_dir
 
     candidates = [os.environ.get("SDSAT_DEFAULT_EXPORT")]
@@ -71,7 +84,7 @@ def find_default_export() -> Path | None:
 
 def load_for_serving(settings: ServerSettings) -> LoadedModel:
     """Load the model a replica serves, with SATs (trained if it has them)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = replica_device(settings.gpus)
     name = settings.model
     if name == "default":
         export = find_default_export()
@@ -117,6 +130,7 @@ class SDSATServer:
             calibration_budget_s=settings.calibration_budget_s,
             max_new_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
+            kv_budget_bytes=int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb else None,
         )
         self.engine = Engine(self.loaded, config, on_step=self.metrics.on_step)
         text_config = self.loaded.model.config.get_text_config()
