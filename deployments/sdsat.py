@@ -63,6 +63,9 @@ class AppArgs(BaseModel):
     calibration_budget_s: float = Field(
         8.0, ge=0, description="Seconds of start-up pass-cost measurement, interleaved with serving (0: never draft)."
     )
+    compile: bool = Field(
+        False, description="torch.compile the decode step (sdsat/decode/compiled.py): for GPU replicas; the first requests wait for compiling."
+    )
     api_key: str | None = Field(None, description=f"Require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV} if set).")
     allow_unauthenticated: bool = Field(
         False, description="Serve without an API key even where Serve listens beyond loopback (logged). Without it such an app is refused."
@@ -107,6 +110,7 @@ def build_app(args: AppArgs | dict | None = None):
         calibration_budget_s=args.calibration_budget_s,
         gpus=gpus,
         kv_cache_gb=args.kv_cache_gb,
+        compile=args.compile,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},

@@ -21,6 +21,7 @@ import torch
 from ray import serve
 
 from deployments.metrics import ServerMetrics
+from sdsat.decode.compiled import compile_decode
 from sdsat.engine.engine import Engine, EngineConfig, EngineOverloaded, Request
 from sdsat.model.load import LoadedModel, load_model
 from sdsat.model.sat import SATConfig
@@ -47,6 +48,7 @@ class ServerSettings:
     calibration_budget_s: float = 8.0
     gpus: float = 0  # GPUs reserved per replica: > 0 loads the model on CUDA, 0 on the CPU
     kv_cache_gb: float | None = None  # KV-cache budget for admission (None: 90% of free GPU memory; CPU: none)
+    compile: bool = False  # torch.compile the decode step (sdsat/decode/compiled.py)
 
 
 def replica_device(gpus: float) -> str:
@@ -120,6 +122,8 @@ class SDSATServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.loaded = load_for_serving(settings)
+        if settings.compile:
+            compile_decode(self.loaded.model)
         self.metrics = ServerMetrics()
         k = self.loaded.sat.num_sat if self.loaded.sat else 0
         self.num_sat = min(k, settings.num_sat) if settings.num_sat is not None else k

@@ -202,3 +202,19 @@ def test_build_app_on_a_serve_listening_on_all_interfaces(monkeypatch):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens():
+    """torch.compile works on this CPU (inductor + a C++ compiler), so the compiled path is
+    checked here for equality; it is meant for GPUs (compiling takes minutes on 2 cores)."""
+    from sdsat.decode.compiled import compile_decode
+
+    loaded = tiny_loaded("llama", k=4)
+    prompts = RAGGED[:2]
+    plain = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, 10), num_sat=0)]
+    compile_decode(loaded.model)
+    sdsat = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, 10), num_sat=4)]
+    assert sdsat == plain
+    with pytest.raises(ValueError, match="not supported"):
+        compile_decode(loaded.model, mode="reduce-overhead")
