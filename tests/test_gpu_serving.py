@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,16 @@ def test_compiled_decode_gives_the_same_tokens():
     assert sdsat == plain
     with pytest.raises(ValueError, match="not supported"):
         compile_decode(loaded.model, mode="reduce-overhead")
+
+
+@pytest.mark.slow
+def test_default_model_chunked_prefill_matches_transformers_generate(default_fp32):
+    """A prompt longer than one prefill chunk (512 tokens) decodes exactly as transformers does."""
+    from sdsat.decode.decoding import PREFILL_CHUNK
+    from tests.conftest import hf_greedy
+
+    text = Path(__file__).read_text()
+    prompt = default_fp32.tokenizer.encode(text)[: PREFILL_CHUNK + 150]
+    assert len(prompt) > PREFILL_CHUNK + 100
+    (seq,) = generate(default_fp32, make_sequences(default_fp32, [prompt], 16, eos=False), num_sat=4)
+    assert seq.output_ids == hf_greedy(default_fp32, prompt, 16)
