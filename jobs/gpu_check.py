@@ -98,7 +98,7 @@ def decode(loaded: LoadedModel, prompts, new_tokens: int, k: int = 0, references
     device = loaded.model.device
     sync(device)
     start = time.perf_counter()
-    generate(loaded, seqs, num_sat=k, draft_override=override)
+    generate(loaded, seqs, k, override, two_step=k > 0)
     sync(device)
     oracle_s = override.seconds if override is not None else 0.0
     return seqs, time.perf_counter() - start - oracle_s, oracle_s

@@ -215,7 +215,7 @@ def test_compiled_decode_gives_the_same_tokens():
     prompts = RAGGED[:2]
     plain = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, 10), num_sat=0)]
     compile_decode(loaded.model)
-    sdsat = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, 10), num_sat=4)]
+    sdsat = [s.output_ids for s in generate(loaded, make_sequences(loaded, prompts, 10), 4, two_step=True)]
     assert sdsat == plain
     with pytest.raises(ValueError, match="not supported"):
         compile_decode(loaded.model, mode="reduce-overhead")
