@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
     device = torch.device(args.device)
+    if device.type != "cuda" and shapes != ["small"]:
+        p.error(f"the {', '.join(shapes)} shapes need a GPU (device {device}); on a CPU run --small")
     started = time.perf_counter()
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "k": args.k, "iteration": "two-step", "drafts": "oracle", "shapes": {}}

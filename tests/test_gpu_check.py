@@ -33,3 +33,11 @@ def test_small_gpu_check_writes_every_measurement(tmp_path):
     assert [(f["train"], f["strategy"]) for f in report["finetune"]] == [("full", "fsdp"), ("sat_adapter", "ddp")]
     assert all(f["tokens_per_s"] > 0 and f["loss"] > 0 for f in report["finetune"])
     assert not torch.distributed.is_initialized()  # its one-process group is gone
+
+
+def test_real_shapes_refuse_a_cpu(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--dummy-weights", "--device", "cpu"])
+    assert "need a GPU" in capsys.readouterr().err
