@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from jobs.gpu_check import main
@@ -36,8 +37,6 @@ def test_small_gpu_check_writes_every_measurement(tmp_path):
 
 
 def test_real_shapes_refuse_a_cpu(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["--dummy-weights", "--device", "cpu"])
     assert "need a GPU" in capsys.readouterr().err
