@@ -193,8 +193,10 @@ def finetune_speed(loaded: LoadedModel, train: str, strategy: str, row_len: int,
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=0, world_size=1)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"  # collectives on either kind of tensor
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         return _finetune_step(loaded, train, strategy, row_len, batch_size, k, dist.get_world_size())
     finally:
