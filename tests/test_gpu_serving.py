@@ -182,24 +182,47 @@ def test_beyond_loopback_needs_a_key_or_a_logged_opt_out(caplog):
 
 
 @pytest.mark.slow
-def test_build_app_on_a_serve_listening_on_all_interfaces(monkeypatch):
-    """A real Serve whose proxy binds 0.0.0.0: the app is refused without a key."""
-    import ray
-    from ray import serve
+def test_cluster_config_deploys_only_with_its_key(tmp_path, monkeypatch):
+    """configs/serve_cluster.yaml deployed as `serve deploy` does (Serve on 0.0.0.0): refused
+    without a key; with the key in runtime_env.env_vars it serves, and only to that key."""
+    import time
 
-    from tests.serve_utils import free_port
+    import httpx
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve._private.api import serve_start  # what `serve run <config>` calls
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.serve_utils import free_port, make_tiny_checkpoint
 
     monkeypatch.delenv("SDSAT_API_KEY", raising=False)
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "serve_cluster.yaml").read_text())
+    config["http_options"]["port"] = port = free_port()
+    app = config["applications"][0]
+    app["args"].update(model=str(make_tiny_checkpoint(tmp_path / "tiny")), gpus_per_replica=0, cpus_per_replica=0.1,
+                       router_cpus=0.05, dtype="float32", max_replicas=1, calibration_budget_s=0)
+
+    def deploy():
+        client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get("sdsat")
+            if status is not None and status.status in ("RUNNING", "DEPLOY_FAILED"):
+                return status
+            time.sleep(1)
+        raise TimeoutError("the app never finished deploying")
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
-        with pytest.raises(ValueError, match="beyond loopback"):
-            build_app({})
-        build_app({"api_key": "k"})
-        monkeypatch.setenv("SDSAT_API_KEY", "from-env")
-        build_app({})
-        monkeypatch.delenv("SDSAT_API_KEY")
-        build_app({"allow_unauthenticated": True})
+        client = serve_start(http_options=config["http_options"])
+        refused = deploy()
+        assert refused.status == "DEPLOY_FAILED" and "beyond loopback" in refused.message
+        app["runtime_env"] = {"env_vars": {"SDSAT_API_KEY": "the-key"}}
+        assert deploy().status == "RUNNING"
+        url = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(url, timeout=60).status_code == 401
+        assert httpx.get(url, headers={"Authorization": "Bearer the-key"}, timeout=60).status_code == 200
     finally:
         serve.shutdown()
         ray.shutdown()
