@@ -95,16 +95,19 @@ def test_chunked_prefill_equals_one_pass():
     with torch.inference_mode():
         for chunk in (4, 512):
             cache = SlotCache.for_model(model, len(prompts))
-            last = prefill(model, cache, prompts, pad_id=0, chunk=chunk)
+            hidden = []  # the prompt's hidden states, for prompt log-probabilities: whole, however chunked
+            last = prefill(model, cache, prompts, pad_id=0, on_hidden=hidden.append, chunk=chunk)
             steps = []
             for _ in range(6):
                 last = plain_step(model, cache, last, None)
                 steps.append(last.tolist())
-            results.append((cache.lengths, cache.layers[0].keys[:, :, :36], steps))
-    (lengths_a, keys_a, steps_a), (lengths_b, keys_b, steps_b) = results
+            results.append((cache.lengths, cache.layers[0].keys[:, :, :36], steps, hidden))
+    (lengths_a, keys_a, steps_a, hidden_a), (lengths_b, keys_b, steps_b, hidden_b) = results
     assert lengths_a == lengths_b
     assert torch.allclose(keys_a[0], keys_b[0], atol=1e-5)  # the longest row's committed keys
     assert steps_a == steps_b
+    assert len(hidden_a) == len(hidden_b) == 1 and hidden_a[0].shape == hidden_b[0].shape == (3, 36, 64)
+    assert torch.allclose(hidden_a[0][0], hidden_b[0][0], atol=1e-5)
 
 
 def test_kv_budget_arithmetic():
