@@ -14,7 +14,8 @@ Measured per shape:
 - plain and SDSAT tokens/s at batch 1, 4 and 16 (bf16, k = 5), beside the weight-bandwidth
   floor of a plain step (weight bytes / measured device copy bandwidth);
 - the pass-cost curve: one pass over 1..32 query tokens, relative to one token;
-- fine-tuning tokens/s for one full-model step (FSDP strategy) and one SAT-adapter step.
+- fine-tuning tokens/s of the training loop's own step: full fine-tuning sharded with the
+  job's FSDP wrapping (over one rank here) and the SAT adapter (DDP strategy, one rank).
 Targets on one H100/H200, 7B, bf16, batch 1, k = 5: SDSAT >= 3x plain, plain within 1.5x of the
 floor, a 6-token pass within 1.1x of a 1-token pass.
 """
@@ -206,16 +207,22 @@ def finetune_speed(loaded: LoadedModel, train: str, strategy: str, row_len: int,
 
 def _finetune_step(loaded: LoadedModel, train: str, strategy: str, row_len: int, batch_size: int, k: int, world: int) -> dict:
     from jobs.finetune_config import FinetuneConfig
-    from jobs.train_loop import RowStream, train_step
-    from jobs.train_setup import LossModule, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
+    from sdsat.training.fsdp import shard
+    from sdsat.training.loop import RowStream, train_step
     from sdsat.training.rows import RowConfig
+    from sdsat.training.setup import LossModule, loss_config, make_optimizer, make_scheduler, select_trainable, wrap
 
     device = loaded.model.device
     cfg = FinetuneConfig(train=train, num_sat=k, strategy=strategy, row_len=row_len, batch_size=batch_size,
                          precision="bf16", use_gpu=device.type == "cuda").model_dump()
     sat_ids = loaded.sat.ids_for(k)
-    options = select_trainable(loaded.model, sat_ids, cfg)
-    module = wrap(LossModule(loaded.model, loss_config(cfg, loaded.sat.unique_ids)), cfg, device, world)
+    fsdp = strategy == "fsdp"
+    options = select_trainable(loaded.model, sat_ids, cfg, cast_frozen=not fsdp)
+    module = LossModule(loaded.model, loss_config(cfg, loaded.sat.unique_ids))
+    if fsdp:  # the fine-tuning job's FSDP wrapping (bf16 MixedPrecisionPolicy), over this one rank
+        shard(module, cfg)
+    else:
+        module = wrap(module, cfg, device, world)
     module.train()
     optimizer = make_optimizer(module, options, device)
     scheduler = make_scheduler(optimizer, cfg)

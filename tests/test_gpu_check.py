@@ -32,6 +32,7 @@ def test_small_gpu_check_writes_every_measurement(tmp_path):
     assert small["pass_cost_bf16"]["relative"]["1"] == 1.0 and "6" in small["pass_cost_bf16"]["relative"]
     assert small["weight_floor_ms"] > 0
     assert [(f["train"], f["strategy"]) for f in report["finetune"]] == [("full", "fsdp"), ("sat_adapter", "ddp")]
+    assert report["finetune"][0]["wrapped_as"].startswith("FSDP")  # the job's own FSDP wrapping, over one rank
     assert all(f["tokens_per_s"] > 0 and f["loss"] > 0 for f in report["finetune"])
     assert not torch.distributed.is_initialized()  # its one-process group is gone
 
