@@ -214,6 +214,7 @@ async def run(args: argparse.Namespace) -> dict:
         "requests_per_level": args.requests,
         "prompts": args.prompts,
         "machine": machine_info(),
+        "serve_command": args.serve_command,
         "num_sat": num_sat,
         "server": card,
         "results": [asdict(r) for r in rows],
@@ -232,6 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default="mixed", help="mixed[:N], humaneval[:N], builtin, or a JSONL file of {\"prompt\"}")
     p.add_argument("--api-key", default=None, help="Bearer key if the server requires one")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--serve-command", default=None, help="how the server was started (recorded in the JSON)")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not args.concurrency or min(args.concurrency) < 1 or args.requests < 1 or args.max_tokens < 1:
