@@ -143,6 +143,8 @@ def test_cost_curve_interpolates_and_extrapolates_without_falling():
     assert cost.predict(2, 2) == pytest.approx(0.02)  # 4 query tokens in all
     cost.observe(2, 2, 0.04)
     assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(2 * cost.prior(2, 1))  # scaled like its neighbour
+    cost.observe(3, 1, 0.01)
+    assert cost.predict(3, 2) == pytest.approx(0.04 * cost.prior(3, 2) / cost.prior(2, 2))  # the same width, nearest batch size
     with pytest.raises(ValueError, match="positive time at 1 query token"):
         PassCost({2: 0.1})
 

@@ -48,13 +48,15 @@ class PassCost:
         return interpolate(self.curve, rows * q)
 
     def predict(self, rows: int, q: int) -> float:
-        """The observed time of this shape, else the curve scaled by the nearest observed
-        shape's observed-to-curve ratio (same batch size first, then the nearest width)."""
+        """The observed time of this shape, else the curve scaled by the observed-to-curve
+        ratio of the nearest observed shape: the same width at the nearest batch size (rows
+        come and go, and a width's real cost at a batch size is what the batch-1 curve
+        misses most), else the nearest batch size and width."""
         if (rows, q) in self.observed:
             return self.observed[(rows, q)]
         if not self.observed:
             return self.prior(rows, q)
-        r, w = min(self.observed, key=lambda key: (abs(key[0] - rows), abs(key[1] - q), key))
+        r, w = min(self.observed, key=lambda key: (key[1] != q, abs(key[0] - rows), abs(key[1] - q), key))
         return self.prior(rows, q) * self.observed[(r, w)] / self.prior(r, w)
 
     def observe(self, rows: int, q: int, seconds: float, weight: float | None = None) -> None:
