@@ -115,6 +115,21 @@ def test_exploration_stays_within_its_bound(block):
     assert widths.count(1) > 0.9 * len(widths)
 
 
+def test_drafting_values_follow_what_drafting_passes_really_gave():
+    """Per-node estimates promise more than drafting passes give (here: nothing beyond the
+    bonus, while the lookup estimates stay high): the realised/expected ratio falls and the
+    scheduler goes back to plain steps where the promise only just paid."""
+    scheduler = Scheduler(lambda rows, q: 1.0 + 0.4 * (q - 1), explore_every=10**9)
+    rows = Text(4).candidates()
+    assert not scheduler.plan(rows).plain
+    for _ in range(100):
+        plan = scheduler.plan(rows)
+        if plan.plain:
+            break
+        scheduler.observe(plan, rows, [[TEXT[0]]] * 4, 1.0, [])  # only the bonus; no watches kept (no seq ids)
+    assert scheduler.realism < 1.0 and scheduler.plan(rows).plain
+
+
 def test_sat_estimates_count_what_lookup_did_not_already_get():
     scheduler = Scheduler(CHEAP)
     acc = scheduler.acceptance

@@ -38,6 +38,7 @@ from .cost import PassCost
 PENDING, LOOKUP, BLOCK = 0, 1, 2
 EXPLORE_WIDTHS = (1, 2, 4, 8, 16, 32)  # an exploring pass tries the ones next to the best width (1: plain)
 EXPLORE_WEIGHT = 0.5  # of an exploring pass's time in its shape's average
+REALISM_EMA = 0.05  # weight of a drafting pass in the realised/expected ratio
 
 
 @dataclass
@@ -129,6 +130,10 @@ class Scheduler:
         self.since_explore = 0
         self.verify_next = False  # the last pass explored SAT drafts: verify what it made
         self.widths: dict[int, int] = {}  # q -> passes
+        # realised / expected extra tokens of drafting passes (EMA): per-node estimates can be
+        # right on average and still miss what a batch's passes give (their errors add up),
+        # so every drafting value is scaled by what such passes were measured to give
+        self.realism = 1.0
 
     # ---- choosing --------------------------------------------------------------------------
 
@@ -176,7 +181,7 @@ class Scheduler:
         best = None
         plain_rate = None
         for q in range(1, top + 1):
-            gain = sum(1.0 + sums[min(q - 1, len(sums) - 1)] for sums in prefix)
+            gain = sum(1.0 + self.realism * sums[min(q - 1, len(sums) - 1)] for sums in prefix)
             seconds = self.cost.predict(batch, q)
             rate = gain / seconds
             if q == 1:
@@ -258,6 +263,11 @@ class Scheduler:
         """Learn from a pass: its time, and per row the tokens it emitted (accepted drafts and the bonus)."""
         self.passes += 1
         self.total_s += seconds
+        expected_extra = (plan.expected_tokens - len(rows)) / self.realism  # before scaling
+        if not plan.plain and not plan.explore and expected_extra > 0:
+            realised = sum(len(out) for out in emitted) - len(rows)
+            ratio = min(1.0, realised / expected_extra)  # only ever a discount
+            self.realism = max(0.05, self.realism + REALISM_EMA * (ratio - self.realism))
         # an exploring pass is the rare fresh look at its shape: it counts more
         self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
@@ -296,6 +306,7 @@ class Scheduler:
             "passes": self.passes,
             "explored": self.explored,
             "explore_share": self.explore_s / self.total_s if self.total_s else 0.0,
+            "realism": self.realism,
             "widths": dict(sorted(self.widths.items())),
             "acceptance": self.acceptance.snapshot(),
         }
