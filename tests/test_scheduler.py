@@ -160,6 +160,11 @@ def test_cost_curve_interpolates_and_extrapolates_without_falling():
     assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(2 * cost.prior(2, 1))  # scaled like its neighbour
     cost.observe(3, 1, 0.01)
     assert cost.predict(3, 2) == pytest.approx(0.04 * cost.prior(3, 2) / cost.prior(2, 2))  # the same width, nearest batch size
+    flat = PassCost({1: 0.01, 64: 0.02})  # at batch 1 wide passes are nearly free
+    flat.observe(16, 1, 0.1)
+    assert flat.predict(16, 4) == pytest.approx(0.4)  # at batch 16, until measured: linear in tokens
+    flat.observe(16, 4, 0.15)
+    assert flat.predict(15, 4) < 0.15  # measured: the same width nearby says what it costs
     with pytest.raises(ValueError, match="positive time at 1 query token"):
         PassCost({2: 0.1})
 

@@ -51,13 +51,20 @@ class PassCost:
         """The observed time of this shape, else the curve scaled by the observed-to-curve
         ratio of the nearest observed shape: the same width at the nearest batch size (rows
         come and go, and a width's real cost at a batch size is what the batch-1 curve
-        misses most), else the nearest batch size and width."""
+        misses most), else the nearest batch size and width, and then (batch > 1) no less
+        than linear in query tokens."""
         if (rows, q) in self.observed:
             return self.observed[(rows, q)]
         if not self.observed:
             return self.prior(rows, q)
         r, w = min(self.observed, key=lambda key: (key[1] != q, abs(key[0] - rows), abs(key[1] - q), key))
-        return self.prior(rows, q) * self.observed[(r, w)] / self.prior(r, w)
+        scaled = self.prior(rows, q) * self.observed[(r, w)] / self.prior(r, w)
+        if rows > 1 and w != q:
+            # a width never seen at a batch size: the batch-1 curve says little about how
+            # rows x q tokens cost there, so assume the worst (time linear in tokens) until
+            # a pass of this width has been measured
+            scaled = max(scaled, self.observed[(r, w)] * rows * q / (r * w))
+        return scaled
 
     def observe(self, rows: int, q: int, seconds: float, weight: float | None = None) -> None:
         """Record a pass that took ``seconds`` (weight: of this observation, default ``ema``;
