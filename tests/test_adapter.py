@@ -69,7 +69,7 @@ def test_sdsat_with_adapter_equals_plain_greedy(adapted, k):
     loaded, reference, _ = adapted
     prompts = [[3, 9, 27, 81], [1, 2, 3, 5, 8, 13, 21], [100]]
     plain = generate(LoadedModel(reference, loaded.tokenizer, loaded.sat, "ref", ""), make_sequences(loaded, prompts, 24))
-    sdsat = generate(loaded, make_sequences(loaded, prompts, 24), num_sat=k)
+    sdsat = generate(loaded, make_sequences(loaded, prompts, 24), num_sat=k, two_step=True)  # the SAT drafts themselves
     assert [s.output_ids for s in sdsat] == [s.output_ids for s in plain]
     assert sum(s.stats.iterations for s in sdsat) < sum(len(s.output_ids) for s in sdsat)  # several verify rounds
 
