@@ -75,3 +75,11 @@ def default_fp32() -> LoadedModel:
     """The embedded default model without its shipped SAT artifact ("default-base"), in fp32,
     with 8 untrained SATs (tests/test_default_artifact.py covers the artifact)."""
     return load_model("default-base", dtype="float32", add_sat=8)
+
+
+def single_torch_thread():
+    """Fixture body: tiny models run faster on one thread than two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,19 +11,13 @@ import torch
 from sdsat.engine.engine import Engine, EngineConfig, EngineError, EngineOverloaded, Request
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.scheduler import Scheduler
-from tests.conftest import tiny_loaded
+from tests.conftest import tiny_loaded, single_torch_thread
 
 PROMPTS = [[(7 * i + j) % 200 + 3 for j in range(3 + i)] for i in range(16)]  # 16 ragged prompts
 NEW = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,12 @@ from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.kv_cache import SlotCache
 from sdsat.engine.engine import Engine, EngineConfig, Request
 from sdsat.engine.kv_budget import KVBudget
-from tests.conftest import tiny_loaded, tiny_model
+from tests.conftest import tiny_loaded, tiny_model, single_torch_thread
 
 RAGGED = [[5, 9, 13, 2, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [8, 8, 8]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 def passes(model, prompts, dense: bool):
