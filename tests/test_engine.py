@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from sdsat.engine.engine import Engine, EngineConfig, EngineError, EngineOverloaded, Request
 from sdsat.decode.generate import generate, make_sequences
