@@ -72,12 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="> 0: plain vs SDSAT sampling at this temperature")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
     p.add_argument("--seed", type=int, default=0, help="sampling: prompt i is seeded with seed + i (in both runs)")
+    p.add_argument(
+        "--rounds", type=int, default=2,
+        help="passes over the prompt set, plain and SDSAT alternating which goes first (speed drifts on shared machines)",
+    )
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.tree or args.oracle_drafts:
         args.two_step = True  # both are two-step features
     if args.lookup < 0:
         p.error("--lookup must be >= 0")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.two_step:
         args.lookup = 0
     if args.num_sat < 0 or (args.num_sat == 0 and not args.lookup):
@@ -201,31 +207,50 @@ def main(argv=None) -> dict:
     warm = argparse.Namespace(**{**vars(args), "max_new_tokens": 8, "stop": []})
     run(loaded, prompts[:1], warm, 0, draft=False)
     run(loaded, prompts[:1], warm, k, scheduler=Scheduler(scheduler.cost))
-    plain_out, sdsat_out, plain_stats, sdsat_stats = [], [], [], []
+    # Rounds over the whole prompt set, plain and SDSAT interleaved batch by batch, in the
+    # order plain-SDSAT in even rounds and SDSAT-plain in odd ones: on a shared machine speed
+    # drifts by several percent over a minute, and the alternation cancels a steady drift.
+    plain_out, sdsat_out, plain_stats, sdsat_stats, per_round = [], [], [], [], []
     plain_s = sdsat_s = 0.0
+    plain_tokens = sdsat_tokens = 0
+    diffs, matched = [], 0
     step = args.batch_size
-    for start in range(0, len(prompts), step):  # interleaved, batch by batch
-        chunk = prompts[start : start + step]
-        out, stats, secs = run(loaded, chunk, args, 0, draft=False, first=start)
-        plain_out += out
-        plain_stats += stats
-        plain_s += secs
-        refs = out if args.oracle_drafts else None
-        out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler, first=start)
-        sdsat_out += out
-        sdsat_stats += stats
-        sdsat_s += secs
-        log.info("  prompts %d-%d: plain %.1fs, sdsat %.1fs", start, start + len(chunk) - 1, plain_s, sdsat_s)
+    for round_ in range(args.rounds):
+        round_plain, round_sdsat, round_plain_s, round_sdsat_s = [], [], 0.0, 0.0
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
+            for kind in ("plain", "sdsat") if round_ % 2 == 0 else ("sdsat", "plain"):
+                if kind == "plain":
+                    out, stats, secs = run(loaded, chunk, args, 0, draft=False, first=start)
+                    round_plain += out
+                    plain_stats += stats
+                    round_plain_s += secs
+                else:
+                    # the oracle: this chunk's plain run (round 0 runs it first)
+                    refs = (plain_out or round_plain)[start : start + step] if args.oracle_drafts else None
+                    out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler, first=start)
+                    round_sdsat += out
+                    sdsat_stats += stats
+                    round_sdsat_s += secs
+            log.info("  round %d, prompts %d-%d: plain %.1fs, sdsat %.1fs", round_, start, start + len(chunk) - 1,
+                     round_plain_s, round_sdsat_s)
+        if round_ == 0:
+            plain_out, sdsat_out = round_plain, round_sdsat
+        round_diffs = divergences(args, prompts, round_plain, round_sdsat)
+        diffs += [{**d, "round": round_} for d in round_diffs]
+        matched += sum(
+            next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            for a, b in zip(round_plain, round_sdsat)
+        )
+        n_plain, n_sdsat = sum(len(o) for o in round_plain), sum(len(o) for o in round_sdsat)
+        per_round.append((n_sdsat / round_sdsat_s) / (n_plain / round_plain_s))
+        plain_tokens += n_plain
+        sdsat_tokens += n_sdsat
+        plain_s += round_plain_s
+        sdsat_s += round_sdsat_s
 
     dtype_name = str(loaded.dtype).removeprefix("torch.")
-    plain_tokens = sum(len(o) for o in plain_out)
-    sdsat_tokens = sum(len(o) for o in sdsat_out)
     agg = total(sdsat_stats)
-    diffs = divergences(args, prompts, plain_out, sdsat_out)
-    matched = sum(
-        next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        for a, b in zip(plain_out, sdsat_out)
-    )
     result = {
         "model": args.model,
         "dtype": dtype_name,
@@ -252,6 +277,8 @@ def main(argv=None) -> dict:
         "plain_tokens_per_s": plain_tokens / plain_s,
         "sdsat_tokens_per_s": sdsat_tokens / sdsat_s,
         "speedup": (sdsat_tokens / sdsat_s) / (plain_tokens / plain_s),
+        "rounds": args.rounds,
+        "speedup_per_round": per_round,
         "tau": agg.tau,
         "tokens_per_forward": agg.tokens_per_forward,
         "accept_rate": agg.accept_rate,

@@ -10,7 +10,7 @@ from sdsat.decode.acceptance import node_truth, score_bucket
 from sdsat.decode.batch import Batch
 from sdsat.decode.cost import PassCost, interpolate
 from sdsat.decode.generate import generate, make_sequences
-from sdsat.decode.scheduler import RowCandidates, Scheduler, Trie
+from sdsat.decode.scheduler import MAX_GAP, MAX_SKIP, RowCandidates, Scheduler, Trie
 from tests.conftest import tiny_loaded
 
 TEXT = [1, 2, 3, 4, 5, 6, 7, 8] * 1000  # what every simulated row goes on to emit
@@ -115,6 +115,50 @@ def test_exploration_stays_within_its_bound(block):
     assert widths.count(1) > 0.9 * len(widths)
 
 
+def test_a_look_that_loses_waits_twice_as_long_for_the_next():
+    """Plain is best and stays best: looks at width 2 (the only neighbour of plain here) come
+    ever more rarely, down to one per MAX_GAP * explore_every passes, and never stop."""
+    scheduler = Scheduler(DEAR, explore_fraction=0.5, explore_every=4)
+    scheduler.total_s = 1e9  # the time budget is not what limits the looks here
+    text = Text(3)
+    text.right = False
+    widths = text.run(scheduler, DEAR, 2000)
+    looks = [i for i, w in enumerate(widths) if w != 1]
+    gaps = [b - a for a, b in zip(looks, looks[1:])]
+    assert gaps[0] < gaps[2] < gaps[4] and max(gaps) <= MAX_GAP * 4 + 4
+    assert gaps[-1] >= MAX_GAP * 4 and len(looks) >= 2000 // (MAX_GAP * 4 + 4)
+
+
+def test_planning_is_skipped_only_where_drafting_loses_and_planning_costs():
+    rows = Text(3).candidates()
+    ids = [0, 1, 2]
+    dear = Scheduler(DEAR)
+    plan = dear.plan(rows)
+    assert plan.plain
+    dear.planned(plan, ids, plan_s=0.0, pass_s=1.0)  # planning is free: plan every pass
+    assert not dear.skipping(ids)
+    for _ in range(30):  # planning costs 5% of a pass
+        dear.planned(plan, ids, plan_s=0.05, pass_s=1.0)
+    assert dear.skip_run == MAX_SKIP
+    assert [dear.skipping(ids) for _ in range(MAX_SKIP + 1)] == [True] * MAX_SKIP + [False]
+    dear.planned(plan, ids, plan_s=0.05, pass_s=1.0)
+    assert not dear.skipping([0, 1])  # a row left: plan again
+    cheap = Scheduler(CHEAP)
+    plan = cheap.plan(rows)
+    assert not plan.plain
+    for _ in range(30):
+        cheap.planned(plan, ids, plan_s=0.05, pass_s=1.0)
+    assert not cheap.skipping(ids)
+    # a skipped pass still scores the tries that were waiting for its tokens
+    watcher = Scheduler(DEAR)
+    plan = watcher.plan(rows)
+    watcher.observe(plan, rows, [[TEXT[0]]] * 3, 1.0, ids)
+    seen = sum(watcher.acceptance.lookup.seen.values())
+    for token in TEXT[1:4]:  # a trie four deep is decided four tokens on
+        watcher.observe_skipped([[token]] * 3, 1.0, ids)
+    assert sum(watcher.acceptance.lookup.seen.values()) > seen and watcher.skipped == 3
+
+
 def test_drafting_values_follow_what_drafting_passes_really_gave():
     """Per-node estimates promise more than drafting passes give (here: nothing beyond the
     bonus, while the lookup estimates stay high): the realised/expected ratio falls and the
@@ -155,16 +199,22 @@ def test_cost_curve_interpolates_and_extrapolates_without_falling():
     assert interpolate(points, 3) == 2.5 and interpolate(points, 8) == 5.0 and interpolate(points, 0.5) == 1.0
     assert interpolate({1: 1.0, 2: 0.9}, 10) == 0.9
     cost = PassCost({1: 0.01, 4: 0.02})
-    assert cost.predict(2, 2) == pytest.approx(0.02)  # 4 query tokens in all
+    assert cost.predict(2, 2) == pytest.approx(0.02)  # nothing measured: the curve at 4 query tokens
     cost.observe(2, 2, 0.04)
-    assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(2 * cost.prior(2, 1))  # scaled like its neighbour
+    assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(0.02)  # width 2 assumed linear
     cost.observe(3, 1, 0.01)
-    assert cost.predict(3, 2) == pytest.approx(0.04 * cost.prior(3, 2) / cost.prior(2, 2))  # the same width, nearest batch size
+    assert cost.predict(3, 2) == pytest.approx(0.02)  # no batch of 3+ measured wider: linear
+    assert cost.predict(1, 4) == pytest.approx(0.04 / 2 * cost.prior(1, 1) / cost.prior(2, 1) * 2)  # batch 1: the curve's ratio
     flat = PassCost({1: 0.01, 64: 0.02})  # at batch 1 wide passes are nearly free
+    flat.observe(1, 2, 0.01)
     flat.observe(16, 1, 0.1)
     assert flat.predict(16, 4) == pytest.approx(0.4)  # at batch 16, until measured: linear in tokens
+    assert flat.predict(16, 2) == pytest.approx(0.2)  # cheap at batch 1 says nothing about batch 16
     flat.observe(16, 4, 0.15)
-    assert flat.predict(15, 4) < 0.15  # measured: the same width nearby says what it costs
+    assert flat.predict(16, 2) == pytest.approx(0.1 + 0.05 / 3)  # between the measured widths
+    assert flat.predict(16, 8) == pytest.approx(0.3)  # beyond them: linear from the widest
+    assert flat.predict(15, 4) == pytest.approx(0.15 * flat.prior(15, 1) / flat.prior(16, 1))  # the larger batch's ratio
+    assert flat.predict(17, 4) == pytest.approx(4 * 0.1 * flat.prior(17, 1) / flat.prior(16, 1))  # nothing larger: linear
     with pytest.raises(ValueError, match="positive time at 1 query token"):
         PassCost({2: 0.1})
 

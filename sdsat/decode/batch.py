@@ -220,11 +220,19 @@ class Batch:
             raise ValueError("scheduled_step needs a Batch built with a scheduler")
         start = time.perf_counter()
         forward_before = self.cache.forward_seconds
-        rows = [self._candidates(seq, sat_ids, lookup) for seq in self.sequences]
-        plan = self.scheduler.plan(rows)
-        accepted = [0] * len(rows)
+        seq_ids = [s.seq_id for s in self.sequences]
         self.counts = DraftCounts()
         tap = LogprobTap.for_rows(self.sequences, self.banned)
+        if self.scheduler.skipping(seq_ids):  # drafting does not pay here: plain, unplanned
+            emitted = self._plain(tap)
+            self.pending = {}
+            self.scheduler.observe_skipped(emitted, time.perf_counter() - start, seq_ids)
+            self.last_plan = Plan([RowPlan() for _ in emitted], 1)
+            return self._finish(emitted, [None] * len(emitted), 1, start, forward_before, tap)
+        rows = [self._candidates(seq, sat_ids, lookup) for seq in self.sequences]
+        plan = self.scheduler.plan(rows)
+        planned = time.perf_counter()
+        accepted = [0] * len(rows)
         if plan.plain:
             emitted = self._plain(tap)
             self.pending = {}
@@ -242,7 +250,9 @@ class Batch:
             drafts = [
                 (max(depths(n.parents)), a, len(n.drafts)) if n.drafts else None for n, a in zip(nodes, accepted)
             ]
-        self.scheduler.observe(plan, rows, emitted, time.perf_counter() - start, [s.seq_id for s in self.sequences])
+        pass_s = time.perf_counter() - planned
+        self.scheduler.observe(plan, rows, emitted, pass_s, seq_ids)
+        self.scheduler.planned(plan, seq_ids, planned - start, pass_s)
         self.last_plan = plan
         return self._finish(emitted, drafts, 1, start, forward_before, tap)
 

@@ -47,6 +47,12 @@ class _FixedWidth:
     def observe(self, *args) -> None:
         pass
 
+    def skipping(self, seq_ids) -> bool:
+        return False
+
+    def planned(self, *args) -> None:
+        pass
+
     def forget(self, seq_id: int) -> None:
         pass
 

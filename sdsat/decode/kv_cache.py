@@ -46,10 +46,10 @@ class _SlotLayer(CacheLayerMixin):
             start = owner.uniform_length
             self.keys[:, :, start : start + q] = key_states
             self.values[:, :, start : start + q] = value_states
-        else:
-            index = owner.write_slots[:, None, :, None].expand_as(key_states)  # [B, H, q, D]
-            self.keys.scatter_(2, index, key_states)
-            self.values.scatter_(2, index, value_states)
+        else:  # index_put_, not scatter_: on CPU scatter_ took ~15x longer (~0.26 ms a call at batch 16)
+            index = owner.write_index(key_states.shape[1])
+            self.keys.index_put_(index, key_states)
+            self.values.index_put_(index, value_states)
         kv_len = owner.kv_length
         return self.keys[:, :, :kv_len], self.values[:, :, :kv_len]
 
@@ -89,6 +89,7 @@ class SlotCache(Cache):
         self.kv_length = 0
         self.uniform_length: int | None = 0
         self.write_slots: torch.Tensor | None = None  # [B, q]
+        self._write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype = torch.float32  # of the model, for the additive mask
         self.bool_mask = False  # the model's attention takes boolean masks (SDPA)
@@ -138,6 +139,7 @@ class SlotCache(Cache):
             return None  # the model's own causal mask (q_offset = the common length) is this one
         lengths = torch.tensor(self.lengths, device=self.device)  # [B]
         self.write_slots = lengths[:, None] + torch.arange(q, device=self.device)  # [B, q]
+        self._write_index = None
         slots = torch.arange(needed, device=self.device)  # [kv_len]
         if block_mask is None:
             block_mask = torch.ones(q, q, dtype=torch.bool, device=self.device).tril()
@@ -155,6 +157,15 @@ class SlotCache(Cache):
         mask = torch.zeros((batch, q, needed), dtype=dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
+
+    def write_index(self, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, head, slot) indices [B, heads, q] of this pass's writes, made once per pass."""
+        if self._write_index is None or self._write_index[0].shape[1] != heads:
+            batch, q = self.write_slots.shape
+            rows = torch.arange(batch, device=self.device)[:, None, None].expand(batch, heads, q)
+            head = torch.arange(heads, device=self.device)[None, :, None].expand(batch, heads, q)
+            self._write_index = (rows, head, self.write_slots[:, None, :].expand(batch, heads, q))
+        return self._write_index
 
     def position_ids(self, q: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Positions of the q new tokens per row: length + j (or length + offsets[j])."""
@@ -181,11 +192,17 @@ class SlotCache(Cache):
             lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
             src = lengths + torch.tensor(pad, device=self.device)  # [B, m]
             dst = lengths + torch.arange(width, device=self.device)  # [B, m]
+            batch, heads = len(offsets), None
             for layer in self.layers:
-                index = src[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-                keys, values = layer.keys.gather(2, index), layer.values.gather(2, index)  # read all first
-                layer.keys.scatter_(2, dst[:, None, :, None].expand_as(index), keys)
-                layer.values.scatter_(2, dst[:, None, :, None].expand_as(index), values)
+                if heads != layer.keys.shape[1]:
+                    heads = layer.keys.shape[1]
+                    rows = torch.arange(batch, device=self.device)[:, None, None].expand(batch, heads, width)
+                    head = torch.arange(heads, device=self.device)[None, :, None].expand(batch, heads, width)
+                    read = (rows, head, src[:, None, :].expand(batch, heads, width))
+                    write = (rows, head, dst[:, None, :].expand(batch, heads, width))
+                keys, values = layer.keys[read], layer.values[read]  # read all first
+                layer.keys.index_put_(write, keys)
+                layer.values.index_put_(write, values)
         self.advance(counts)
 
     def select_rows(self, rows: list[int]) -> None:

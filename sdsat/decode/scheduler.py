@@ -20,11 +20,17 @@ from a measured cost model (:mod:`sdsat.decode.cost`). q = 1 is a plain step, al
 candidate; drafting must beat it by ``margin``. A row's ``block`` is capped by its request's
 num_sat; a row that takes no drafts contributes one token at any q.
 
+Skipping: at a large batch, building every row's candidates and choosing costs a few percent
+of a pass. While drafting does not even break even (its best rate below plain's), the next
+passes run plain without planning: 1, 2, 4, ... passes, at most one per ``SKIP_PER_SHARE`` of
+pass time that planning was measured to cost (none where planning is cheap, as at batch 1),
+and never past a change of the batch's rows.
+
 Exploration: lookup estimates need none (every trie is scored against the tokens that follow,
 offered or not). SAT drafts and untried widths do: now and then a pass runs every row's
 full draft block (and the next pass verifies what it made) or a width next to the best one
 (plain included), but only while the predicted extra time of all exploring passes stays under ``explore_fraction`` of the time
-decoded so far.
+decoded so far, and each choice that looked and lost waits twice as long for its next look.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ PENDING, LOOKUP, BLOCK = 0, 1, 2
 EXPLORE_WIDTHS = (1, 2, 4, 8, 16, 32)  # an exploring pass tries the ones next to the best width (1: plain)
 EXPLORE_WEIGHT = 0.5  # of an exploring pass's time in its shape's average
 REALISM_EMA = 0.05  # weight of a drafting pass in the realised/expected ratio
+PLAN_EMA = 0.1  # weight of a pass in the planning-time share
+SKIP_PER_SHARE = 0.005  # planning may be skipped one pass per this share of pass time it costs
+MAX_SKIP = 8
+MAX_GAP = 16  # explore_every passes: the longest wait between looks at one choice
 
 
 @dataclass
@@ -129,11 +139,19 @@ class Scheduler:
         self.explored = 0
         self.since_explore = 0
         self.verify_next = False  # the last pass explored SAT drafts: verify what it made
+        self.explore_next: dict[tuple[int, int], int] = {}  # (batch, width; 0: SAT block) -> pass it is due at
+        self.explore_gap: dict[tuple[int, int], int] = {}  # (batch, width) -> passes to wait after the next look
         self.widths: dict[int, int] = {}  # q -> passes
         # realised / expected extra tokens of drafting passes (EMA): per-node estimates can be
         # right on average and still miss what a batch's passes give (their errors add up),
         # so every drafting value is scaled by what such passes were measured to give
         self.realism = 1.0
+        self.plan_share = 0.0  # EMA of planning seconds / pass seconds
+        self.skip_left = 0  # plain passes to run without planning
+        self.skip_run = 0  # the length of the latest run of skipped passes
+        self.skip_rows: tuple[int, ...] = ()  # the rows (seq ids) the skipping was decided for
+        self.skipped = 0
+        self._draft_ratio = 0.0  # the latest plan's best drafting rate / plain rate
 
     # ---- choosing --------------------------------------------------------------------------
 
@@ -165,7 +183,45 @@ class Scheduler:
         elif self._explore_due():
             plan = self._exploring(rows, values, best) or best
         self.widths[plan.width] = self.widths.get(plan.width, 0) + 1
+        if not best.plain:  # the best choice needs no waiting to be looked at again
+            self.explore_gap.pop((len(rows), best.width), None)
+            if any(p.block for p in best.rows):
+                self.explore_gap.pop((len(rows), 0), None)
         return plan
+
+    def skipping(self, seq_ids: list[int]) -> bool:
+        """Whether the next pass over these rows runs plain without planning (see the module
+        docstring); if so, report it with :meth:`observe_skipped`."""
+        if self.skip_left <= 0 or tuple(seq_ids) != self.skip_rows:
+            self.skip_left = 0
+            return False
+        self.skip_left -= 1
+        return True
+
+    def planned(self, plan: Plan, seq_ids: list[int], plan_s: float, pass_s: float) -> None:
+        """After a planned pass: how long planning took against the pass, and how many of the
+        next passes may skip it."""
+        if pass_s > 0:
+            self.plan_share += PLAN_EMA * (plan_s / pass_s - self.plan_share)
+        allowed = min(MAX_SKIP, int(self.plan_share / SKIP_PER_SHARE))
+        if plan.plain and not plan.explore and self._draft_ratio < 1.0 and allowed:
+            self.skip_run = min(allowed, max(1, 2 * self.skip_run))
+            self.skip_left = self.skip_run
+            self.skip_rows = tuple(seq_ids)
+        else:
+            self.skip_run = self.skip_left = 0
+
+    def observe_skipped(self, emitted: list[list[int]], seconds: float, seq_ids: list[int]) -> None:
+        """Learn from a plain pass that ran without planning: its time, and the tokens that
+        tries offered earlier were waiting for."""
+        self.passes += 1
+        self.skipped += 1
+        self.since_explore += 1
+        self.total_s += seconds
+        self.widths[1] = self.widths.get(1, 0) + 1
+        self.cost.observe(len(emitted), 1, seconds)
+        for out, seq_id in zip(emitted, seq_ids):
+            self._advance(seq_id, out)
 
     def _best_width(self, values: list[list[tuple[float, int]]]) -> tuple[int, float, float]:
         """(q, expected tokens, predicted seconds) of the best width for these rows."""
@@ -180,15 +236,19 @@ class Scheduler:
         top = min(self.max_width, 1 + max((len(v) for v in values), default=0))
         best = None
         plain_rate = None
+        drafting = []  # (rate, q) of every width > 1
         for q in range(1, top + 1):
             gain = sum(1.0 + self.realism * sums[min(q - 1, len(sums) - 1)] for sums in prefix)
             seconds = self.cost.predict(batch, q)
             rate = gain / seconds
             if q == 1:
                 plain_rate = rate
+            else:
+                drafting.append((rate, q))
             if best is None or rate > best[0]:
                 best = (rate, q, gain, seconds)
         rate, q, gain, seconds = best
+        self._draft_ratio = max((r for r, w in drafting), default=0.0) / plain_rate
         if q > 1 and rate < plain_rate * (1 + self.margin):
             return 1, float(batch), self.cost.predict(batch, 1)
         return q, gain, seconds
@@ -212,7 +272,7 @@ class Scheduler:
     def _exploring(self, rows: list[RowCandidates], values, best: Plan) -> Plan | None:
         """Every row's full draft block (or, without SATs, another width), if the budget allows."""
         batch = len(rows)
-        if any(r.block and r.drafting for r in rows) and not any(p.block for p in best.rows):
+        if any(r.block and r.drafting for r in rows) and not any(p.block for p in best.rows) and self._due(batch, 0):
             plans = [
                 RowPlan(p.pending, p.lookup, r.block if r.drafting else 0) for p, r in zip(best.rows, rows)
             ]
@@ -222,7 +282,7 @@ class Scheduler:
         else:
             below = [w for w in EXPLORE_WIDTHS if w < best.width]
             above = [w for w in EXPLORE_WIDTHS if best.width < w <= self.max_width]
-            others = below[-1:] + above[:1]
+            others = [w for w in below[-1:] + above[:1] if self._due(batch, w)]
             if not others:
                 return None
             width = others[self.explored % len(others)]
@@ -234,10 +294,23 @@ class Scheduler:
             return None  # (a draft block's drafts are verified in the next pass, which costs about as much)
         self.explore_s += extra
         self.explored += 1
+        self._backoff(batch, 0 if again else width)
         self.since_explore = 0
         self.verify_next = again
         gain = sum(1.0 + sum(v for v, _ in items[: p.pending + p.lookup]) for items, p in zip(values, plans))
         return Plan(plans, width, gain, seconds, explore=True)
+
+    def _due(self, batch: int, width: int) -> bool:
+        """Whether exploring this width (0: the SAT block) at this batch size is due: each
+        look at a choice that is not the best doubles the wait before the next one (up to
+        ``MAX_GAP`` times explore_every passes), so a machine where it never pays stops paying
+        for looks, and a change is still noticed."""
+        return self.passes >= self.explore_next.get((batch, width), 0)
+
+    def _backoff(self, batch: int, width: int) -> None:
+        gap = self.explore_gap.get((batch, width), self.explore_every)
+        self.explore_next[(batch, width)] = self.passes + gap
+        self.explore_gap[(batch, width)] = min(MAX_GAP * self.explore_every, 2 * gap)
 
     def _verify_pending(self, rows: list[RowCandidates], best: Plan) -> Plan:
         """The pass after an exploring draft block: verify every row's pending drafts."""
@@ -307,6 +380,8 @@ class Scheduler:
             "explored": self.explored,
             "explore_share": self.explore_s / self.total_s if self.total_s else 0.0,
             "realism": self.realism,
+            "skipped": self.skipped,
+            "plan_share": self.plan_share,
             "widths": dict(sorted(self.widths.items())),
             "acceptance": self.acceptance.snapshot(),
         }
