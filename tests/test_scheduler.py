@@ -8,7 +8,8 @@ import pytest
 
 from sdsat.decode.acceptance import node_truth, score_bucket
 from sdsat.decode.batch import Batch
-from sdsat.decode.cost import PassCost, interpolate
+from sdsat.decode.calibrate import BATCH_POINTS, BATCH_ROWS, measure
+from sdsat.decode.cost import CURVE_POINTS, PassCost, interpolate
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.scheduler import MAX_GAP, MAX_SKIP, RowCandidates, Scheduler, Trie
 from tests.conftest import tiny_loaded
@@ -204,7 +205,7 @@ def test_cost_curve_interpolates_and_extrapolates_without_falling():
     assert cost.predict(2, 2) == 0.04 and cost.predict(2, 1) == pytest.approx(0.02)  # width 2 assumed linear
     cost.observe(3, 1, 0.01)
     assert cost.predict(3, 2) == pytest.approx(0.02)  # no batch of 3+ measured wider: linear
-    assert cost.predict(1, 4) == pytest.approx(0.04 / 2 * cost.prior(1, 1) / cost.prior(2, 1) * 2)  # batch 1: the curve's ratio
+    assert cost.predict(1, 4) == pytest.approx(cost.prior(1, 4))  # nothing measured at batch 1 since: the curve
     flat = PassCost({1: 0.01, 64: 0.02})  # at batch 1 wide passes are nearly free
     flat.observe(1, 2, 0.01)
     flat.observe(16, 1, 0.1)
@@ -217,6 +218,21 @@ def test_cost_curve_interpolates_and_extrapolates_without_falling():
     assert flat.predict(17, 4) == pytest.approx(4 * 0.1 * flat.prior(17, 1) / flat.prior(16, 1))  # nothing larger: linear
     with pytest.raises(ValueError, match="positive time at 1 query token"):
         PassCost({2: 0.1})
+
+
+def test_start_up_measurement_covers_batch_1_and_a_batch_of_rows():
+    """The curve at batch 1, and the widths of a 4-row batch as measured shapes: the cost
+    model predicts a 4-row pass from them, not from the worst case."""
+    loaded = tiny_loaded("llama", k=4)
+    calibration = measure(loaded, budget_s=0.05)
+    assert set(calibration.curve()) == set(CURVE_POINTS)
+    assert set(calibration.batched()) == {(BATCH_ROWS, n) for n in BATCH_POINTS}
+    cost = calibration.cost()
+    for n in BATCH_POINTS:
+        assert cost.predict(BATCH_ROWS, n) == calibration.batched()[(BATCH_ROWS, n)]
+    measured = calibration.batched()
+    assert cost.predict(BATCH_ROWS, 3) == pytest.approx((measured[(4, 2)] + measured[(4, 4)]) / 2)
+    assert cost.predict(1, 6) == cost.prior(1, 6)  # batch 1: the curve
 
 
 def test_a_rows_num_sat_caps_that_row_only():

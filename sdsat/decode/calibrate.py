@@ -3,8 +3,12 @@
 One row holding a prompt of real prose and code (it does not repeat itself) takes fused
 passes of n = 1, 2, 4, ... query tokens (its lookup drafts, padded with filler), in rounds:
 a warm-up round (the first call of a shape costs more), then timed rounds until
-``budget_s`` is spent (at least one). The median time per n is the curve. :class:`Calibration`
-runs one pass per call, so a serving engine can serve requests between its passes.
+``budget_s`` is spent (at least one). The median time per n is the curve. Each round also
+times a batch of ``rows`` rows (the same text at different offsets) at a few widths: at
+batch > 1 the batch-1 curve says little about a width's cost, and the cost model otherwise
+assumes the worst there until exploration has measured it (:meth:`PassCost.ratio`).
+:class:`Calibration` runs one pass per call, so a serving engine can serve requests between
+its passes.
 """
 
 from __future__ import annotations
@@ -57,57 +61,93 @@ class _FixedWidth:
         pass
 
 
+BATCH_ROWS = 4  # rows of the batch measured beside the batch-1 curve
+BATCH_POINTS = (1, 2, 4, 8)  # its widths
+
+
 class Calibration:
     """Measures the curve one pass per :meth:`step`; :attr:`done` when finished."""
 
-    def __init__(self, loaded, *, points=CURVE_POINTS, budget_s: float = 8.0, pad_id: int = 0, max_prompt: int = 160):
+    def __init__(
+        self, loaded, *, points=CURVE_POINTS, budget_s: float = 8.0, pad_id: int = 0, max_prompt: int = 160,
+        rows: int = BATCH_ROWS, row_points=BATCH_POINTS,
+    ):
         self.points = sorted({1, *points})
+        self.rows = rows
         self.budget_s = budget_s
-        self.samples: dict[int, list[float]] = {n: [] for n in self.points}
+        shapes = [(1, n) for n in self.points] + ([(rows, n) for n in sorted({1, *row_points})] if rows > 1 else [])
+        self.shapes = shapes
+        self.samples: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
         self.fixed = _FixedWidth()
         banned = loaded.sat.unique_ids if loaded.sat else []
-        self.batch = Batch(loaded.model, None, banned, pad_id, scheduler=self.fixed)
-        new_tokens = 4 * len(self.points) * max(self.points)  # more than any run of rounds emits
-        self.batch.add([Sequence(_prompt(loaded, new_tokens, max_prompt), new_tokens)])
-        self.queue = list(self.points)  # warm-up round
+        widest = max(n for _, n in shapes)
+        new_tokens = 4 * len(shapes) * widest  # more than any run of rounds emits
+        text = _prompt(loaded, new_tokens, max_prompt)
+        self.batches = {}
+        for r in sorted({r for r, _ in shapes}):
+            batch = Batch(loaded.model, None, banned, pad_id, scheduler=self.fixed)
+            # different offsets into the text: rows of different lengths, as in a real batch
+            batch.add([Sequence(text[i * 7 :] or text, new_tokens) for i in range(r)])
+            self.batches[r] = batch
+        self.queue = list(shapes)  # warm-up round
         self.round = 0
         self.spent = 0.0
         self.done = False
+
+    @property
+    def batch(self) -> Batch:
+        return self.batches[1]
 
     def step(self) -> None:
         """One measured pass."""
         if self.done:
             return
-        n = self.queue.pop(0)
+        rows, n = self.queue.pop(0)
         self.fixed.width = n
+        batch = self.batches[rows]
         start = time.perf_counter()
-        self.batch.scheduled_step([], lookup=max(self.points))
+        batch.scheduled_step([], lookup=max(self.points))
         seconds = time.perf_counter() - start
         self.spent += seconds
         if self.round:
-            self.samples[n].append(seconds)
+            self.samples[(rows, n)].append(seconds)
         if not self.queue:
             self.round += 1
-            if (self.round > 1 and self.spent >= self.budget_s) or not len(self.batch) or self.round > 8:
+            exhausted = any(len(b) < r for r, b in self.batches.items())
+            if (self.round > 1 and self.spent >= self.budget_s) or exhausted or self.round > 8:
                 self.done = True
             else:
-                self.queue = list(self.points)
+                self.queue = list(self.shapes)
 
     def curve(self) -> dict[int, float]:
-        return {n: statistics.median(t) for n, t in self.samples.items() if t}
+        """Batch 1: query tokens -> median seconds."""
+        return {n: statistics.median(t) for (r, n), t in self.samples.items() if r == 1 and t}
+
+    def batched(self) -> dict[tuple[int, int], float]:
+        """The batch of ``rows`` rows: (rows, width) -> median seconds."""
+        return {shape: statistics.median(t) for shape, t in self.samples.items() if shape[0] > 1 and t}
+
+    def cost(self) -> PassCost:
+        """A cost model starting from these measurements."""
+        return PassCost(self.curve(), observed=self.batched())
 
 
-def measure_curve(loaded, **kwargs) -> dict[int, float]:
-    """Time passes of each width on real text, within about ``budget_s`` seconds."""
+def measure(loaded, **kwargs) -> Calibration:
+    """Time passes of each shape on real text, within about ``budget_s`` seconds."""
     calibration = Calibration(loaded, **kwargs)
     while not calibration.done:
         calibration.step()
-    return calibration.curve()
+    return calibration
+
+
+def measure_curve(loaded, **kwargs) -> dict[int, float]:
+    """The batch-1 curve alone."""
+    return measure(loaded, rows=1, **kwargs).curve()
 
 
 def measured_scheduler(loaded, **kwargs) -> Scheduler:
-    """A scheduler whose cost model starts from this machine's measured curve."""
-    return Scheduler(PassCost(measure_curve(loaded, **kwargs)))
+    """A scheduler whose cost model starts from this machine's measured passes."""
+    return Scheduler(measure(loaded, **kwargs).cost())
 
 
 def _prompt(loaded, new_tokens: int, max_prompt: int) -> list[int]:

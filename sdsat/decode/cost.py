@@ -63,9 +63,9 @@ class PassCost:
         return self._memo[key]
 
     def _unseen(self, rows: int, q: int) -> float:
-        if not self.observed:
-            return self.prior(rows, q)
         here = self._by_rows.get(rows)
+        if not self.observed or (rows == 1 and not here):
+            return self.prior(rows, q)  # the curve is the batch-1 measurement
         if here:
             w = min(here, key=lambda w: (abs(w - q), w))
             return here[w] * self.ratio(rows, q) / self.ratio(rows, w)

@@ -26,7 +26,6 @@ from typing import Callable
 
 from ..decode.batch import Batch, Sequence, StepEvent
 from ..decode.calibrate import Calibration
-from ..decode.cost import PassCost
 from ..decode.scheduler import Scheduler
 from .kv_budget import KVBudget
 from .types import Chunk, EngineConfig, EngineError, EngineOverloaded, StepMetrics
@@ -211,7 +210,7 @@ class DecodeLoop:
             self.calibration.step()
             if not self.calibration.done:
                 return True
-            self.scheduler = Scheduler(PassCost(self.calibration.curve()))
+            self.scheduler = Scheduler(self.calibration.cost())
             self.batch.scheduler = self.scheduler
             self.calibration_s = self.calibration.spent
             log.info("pass costs measured in %.1f s: %s", self.calibration_s, self.scheduler.cost.ratios())
