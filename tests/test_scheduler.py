@@ -116,6 +116,21 @@ def test_exploration_stays_within_its_bound(block):
     assert widths.count(1) > 0.9 * len(widths)
 
 
+def test_a_closed_batch_drafts_for_its_slowest_rows():
+    """Three rows ahead with drafts that are always right, one row behind: in an open batch the
+    drafts pay; in a closed one (no row joins) only the slowest row's progress shortens the
+    batch, and it has none, so plain steps; give the slowest row the drafts and it drafts."""
+    cost = lambda rows, q: rows * 0.01 + 1.0 + 0.1 * (q - 1)  # noqa: E731  (a row is 1% of a pass)
+    rows = Text(4).candidates()
+    rows[3].lookup = Trie()  # the row behind has no drafts
+    assert not Scheduler(cost).plan(rows).plain
+    for row, left in zip(rows, (50, 50, 50, 60)):
+        row.remaining = left
+    assert Scheduler(cost).plan(rows).plain
+    rows[0].lookup, rows[3].lookup = Trie(), rows[0].lookup  # now the slowest row has them
+    assert not Scheduler(cost).plan(rows).plain
+
+
 def test_a_look_that_loses_waits_twice_as_long_for_the_next():
     """Plain is best and stays best: looks at width 2 (the only neighbour of plain here) come
     ever more rarely, down to one per MAX_GAP * explore_every passes, and never stop."""

@@ -122,8 +122,14 @@ class Batch:
     :class:`sdsat.decode.scheduler.Scheduler` chooses per row (the default decoder).
     """
 
-    def __init__(self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0, scheduler: Scheduler | None = None):
+    def __init__(
+        self, model, tokenizer=None, banned_ids: list[int] = (), pad_id: int = 0, scheduler: Scheduler | None = None,
+        closed: bool = False,
+    ):
         self.model = model
+        # closed: no row will join (generate, the bench); the batch is done when its slowest
+        # row is, which the scheduler weighs (scheduler.py, "Closed batches")
+        self.closed = closed
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.device = next(model.parameters()).device
@@ -259,13 +265,14 @@ class Batch:
     def _candidates(self, seq: Sequence, sat_ids: list[int], lookup: int) -> RowCandidates:
         cap = len(sat_ids) if seq.num_sat is None else min(seq.num_sat, len(sat_ids))
         if seq.num_sat == 0:
-            return RowCandidates(drafting=False)
+            return RowCandidates(drafting=False, remaining=seq.max_new_tokens - len(seq.output_ids) if self.closed else None)
         room = seq.max_new_tokens - len(seq.output_ids) - 1  # drafts past max_new_tokens would be cut
         if room <= 0:
-            return RowCandidates()
+            return RowCandidates(remaining=room + 1 if self.closed else None)
         trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
         pending = self.pending.get(seq.seq_id, [])[: min(cap, room)]
-        return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers)
+        remaining = seq.max_new_tokens - len(seq.output_ids) if self.closed else None
+        return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers, remaining=remaining)
 
     def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float, tap: LogprobTap | None = None) -> list[StepEvent]:
         """Stats, logprobs and stopping rules for a step's emitted tokens; finished rows leave."""

@@ -108,7 +108,7 @@ def stream(
     if drafting and scheduler is None:
         scheduler = default_scheduler(loaded)
     banned = loaded.sat.unique_ids if loaded.sat else []
-    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=_pad(loaded), scheduler=scheduler if drafting else None)
+    batch = Batch(loaded.model, loaded.tokenizer, banned_ids=banned, pad_id=_pad(loaded), scheduler=scheduler if drafting else None, closed=True)
     batch.add(sequences, sampling)
     while len(batch):
         if drafting:
