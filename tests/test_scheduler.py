@@ -248,6 +248,10 @@ def test_start_up_measurement_covers_batch_1_and_a_batch_of_rows():
     measured = calibration.batched()
     assert cost.predict(BATCH_ROWS, 3) == pytest.approx((measured[(4, 2)] + measured[(4, 4)]) / 2)
     assert cost.predict(1, 6) == cost.prior(1, 6)  # batch 1: the curve
+    # no budget: one warm-up round, whose times stand in for the timed ones
+    hasty = measure(loaded, budget_s=0.0)
+    assert hasty.round == 1 and not any(hasty.samples.values())
+    assert set(hasty.curve()) == set(CURVE_POINTS) and len(hasty.batched()) == len(BATCH_POINTS)
 
 
 def test_a_rows_num_sat_caps_that_row_only():

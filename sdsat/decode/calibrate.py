@@ -3,7 +3,9 @@
 One row holding a prompt of real prose and code (it does not repeat itself) takes fused
 passes of n = 1, 2, 4, ... query tokens (its lookup drafts, padded with filler), in rounds:
 a warm-up round (the first call of a shape costs more), then timed rounds until
-``budget_s`` is spent (at least one). The median time per n is the curve. Each round also
+``budget_s`` is spent, mid-round if need be. The median time per n is the curve; a shape
+the budget left untimed keeps its warm-up time (an overestimate: the safe side), so the
+measurement takes about ``budget_s``, or one warm-up round where that is longer. Each round also
 times a batch of ``rows`` rows (the same text at different offsets) at a few widths: at
 batch > 1 the batch-1 curve says little about a width's cost, and the cost model otherwise
 assumes the worst there until exploration has measured it (:meth:`PassCost.ratio`).
@@ -78,6 +80,7 @@ class Calibration:
         shapes = [(1, n) for n in self.points] + ([(rows, n) for n in sorted({1, *row_points})] if rows > 1 else [])
         self.shapes = shapes
         self.samples: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+        self.first: dict[tuple[int, int], float] = {}  # the warm-up round's time per shape
         self.fixed = _FixedWidth()
         banned = loaded.sat.unique_ids if loaded.sat else []
         widest = max(n for _, n in shapes)
@@ -111,21 +114,33 @@ class Calibration:
         self.spent += seconds
         if self.round:
             self.samples[(rows, n)].append(seconds)
+        else:
+            self.first[(rows, n)] = seconds
         if not self.queue:
             self.round += 1
             exhausted = any(len(b) < r for r, b in self.batches.items())
-            if (self.round > 1 and self.spent >= self.budget_s) or exhausted or self.round > 8:
+            if self.spent >= self.budget_s or exhausted or self.round > 8:
                 self.done = True
             else:
                 self.queue = list(self.shapes)
+        elif self.round and self.spent >= self.budget_s:
+            self.done = True  # out of time mid-round: shapes not timed again keep their warm-up time
+
+    def _times(self) -> dict[tuple[int, int], float]:
+        """Per shape, the median of its timed passes, else its warm-up pass (a first call costs
+        more, so a budget spent before a second round errs towards dear wide passes)."""
+        out = {shape: statistics.median(t) for shape, t in self.samples.items() if t}
+        for shape, seconds in self.first.items():
+            out.setdefault(shape, seconds)
+        return out
 
     def curve(self) -> dict[int, float]:
-        """Batch 1: query tokens -> median seconds."""
-        return {n: statistics.median(t) for (r, n), t in self.samples.items() if r == 1 and t}
+        """Batch 1: query tokens -> seconds."""
+        return {n: t for (r, n), t in self._times().items() if r == 1}
 
     def batched(self) -> dict[tuple[int, int], float]:
-        """The batch of ``rows`` rows: (rows, width) -> median seconds."""
-        return {shape: statistics.median(t) for shape, t in self.samples.items() if shape[0] > 1 and t}
+        """The batch of ``rows`` rows: (rows, width) -> seconds."""
+        return {shape: t for shape, t in self._times().items() if shape[0] > 1}
 
     def cost(self) -> PassCost:
         """A cost model starting from these measurements."""
