@@ -67,7 +67,8 @@ def decoder(d: dict) -> str:
     if name == "fused":  # before the scheduler: fixed rules
         return ", ".join(["fused"] + ([f"lookup {d['lookup']}"] if d.get("lookup") else [])
                          + (["SAT gate"] if d.get("sat_gate") else []))
-    return name + (f", lookup {d['lookup']}" if d.get("lookup") else "")
+    sampled = f", T={d['temperature']:g}" + (f" top-p {d['top_p']:g}" if (d.get("top_p") or 1) < 1 else "") if d.get("temperature") else ""
+    return name + (f", lookup {d['lookup']}" if d.get("lookup") else "") + sampled
 
 
 def pass_cost(d: dict) -> str:
