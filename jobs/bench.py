@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     # Rounds over the whole prompt set, plain and SDSAT interleaved batch by batch, in the
     # order plain-SDSAT in even rounds and SDSAT-plain in odd ones: on a shared machine speed
     # drifts by several percent over a minute, and the alternation cancels a steady drift.
-    plain_out, sdsat_out, plain_stats, sdsat_stats, per_round = [], [], [], [], []
+    plain_out, plain_stats, sdsat_stats, per_round = [], [], [], []  # plain_out: round 0's, the oracle's reference
     plain_s = sdsat_s = 0.0
     plain_tokens = sdsat_tokens = 0
     diffs, matched = [], 0
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
             log.info("  round %d, prompts %d-%d: plain %.1fs, sdsat %.1fs", round_, start, start + len(chunk) - 1,
                      round_plain_s, round_sdsat_s)
         if round_ == 0:
-            plain_out, sdsat_out = round_plain, round_sdsat
+            plain_out = round_plain
         round_diffs = divergences(args, prompts, round_plain, round_sdsat)
         diffs += [{**d, "round": round_} for d in round_diffs]
         matched += sum(

@@ -264,14 +264,15 @@ class Batch:
 
     def _candidates(self, seq: Sequence, sat_ids: list[int], lookup: int) -> RowCandidates:
         cap = len(sat_ids) if seq.num_sat is None else min(seq.num_sat, len(sat_ids))
+        left = seq.max_new_tokens - len(seq.output_ids)
+        remaining = left if self.closed else None
         if seq.num_sat == 0:
-            return RowCandidates(drafting=False, remaining=seq.max_new_tokens - len(seq.output_ids) if self.closed else None)
-        room = seq.max_new_tokens - len(seq.output_ids) - 1  # drafts past max_new_tokens would be cut
+            return RowCandidates(drafting=False, remaining=remaining)
+        room = left - 1  # drafts past max_new_tokens would be cut
         if room <= 0:
-            return RowCandidates(remaining=room + 1 if self.closed else None)
+            return RowCandidates(remaining=remaining)
         trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
         pending = self.pending.get(seq.seq_id, [])[: min(cap, room)]
-        remaining = seq.max_new_tokens - len(seq.output_ids) if self.closed else None
         return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers, remaining=remaining)
 
     def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float, tap: LogprobTap | None = None) -> list[StepEvent]:

@@ -75,7 +75,6 @@ class Calibration:
         rows: int = BATCH_ROWS, row_points=BATCH_POINTS,
     ):
         self.points = sorted({1, *points})
-        self.rows = rows
         self.budget_s = budget_s
         shapes = [(1, n) for n in self.points] + ([(rows, n) for n in sorted({1, *row_points})] if rows > 1 else [])
         self.shapes = shapes
@@ -96,10 +95,6 @@ class Calibration:
         self.round = 0
         self.spent = 0.0
         self.done = False
-
-    @property
-    def batch(self) -> Batch:
-        return self.batches[1]
 
     def step(self) -> None:
         """One measured pass."""

@@ -161,10 +161,7 @@ class SlotCache(Cache):
     def write_index(self, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, head, slot) indices [B, heads, q] of this pass's writes, made once per pass."""
         if self._write_index is None or self._write_index[0].shape[1] != heads:
-            batch, q = self.write_slots.shape
-            rows = torch.arange(batch, device=self.device)[:, None, None].expand(batch, heads, q)
-            head = torch.arange(heads, device=self.device)[None, :, None].expand(batch, heads, q)
-            self._write_index = (rows, head, self.write_slots[:, None, :].expand(batch, heads, q))
+            self._write_index = _slot_index(self.write_slots, heads)
         return self._write_index
 
     def position_ids(self, q: int, offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,14 +189,11 @@ class SlotCache(Cache):
             lengths = torch.tensor(self.lengths, device=self.device)[:, None]  # [B, 1]
             src = lengths + torch.tensor(pad, device=self.device)  # [B, m]
             dst = lengths + torch.arange(width, device=self.device)  # [B, m]
-            batch, heads = len(offsets), None
+            heads = None
             for layer in self.layers:
                 if heads != layer.keys.shape[1]:
                     heads = layer.keys.shape[1]
-                    rows = torch.arange(batch, device=self.device)[:, None, None].expand(batch, heads, width)
-                    head = torch.arange(heads, device=self.device)[None, :, None].expand(batch, heads, width)
-                    read = (rows, head, src[:, None, :].expand(batch, heads, width))
-                    write = (rows, head, dst[:, None, :].expand(batch, heads, width))
+                    read, write = _slot_index(src, heads), _slot_index(dst, heads)
                 keys, values = layer.keys[read], layer.values[read]  # read all first
                 layer.keys.index_put_(write, keys)
                 layer.values.index_put_(write, values)
@@ -229,6 +223,15 @@ class SlotCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.lengths, default=0)
+
+
+def _slot_index(slots: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, head, slot) indices [B, heads, m] that address slots [B, m] of every head, for
+    advanced indexing and ``index_put_`` of a [B, heads, capacity, dim] buffer."""
+    batch, m = slots.shape
+    rows = torch.arange(batch, device=slots.device)[:, None, None].expand(batch, heads, m)
+    head = torch.arange(heads, device=slots.device)[None, :, None].expand(batch, heads, m)
+    return rows, head, slots[:, None, :].expand(batch, heads, m)
 
 
 def round_capacity(n: int) -> int:

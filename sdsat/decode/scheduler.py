@@ -237,8 +237,8 @@ class Scheduler:
         batch = len(values)
         closed = batch > 1 and remaining is not None and all(r is not None for r in remaining)
         if closed:
-            top = max(remaining)
-            critical = [i for i, r in enumerate(remaining) if r >= top]
+            most = max(remaining)
+            critical = [i for i, r in enumerate(remaining) if r >= most]
             plain = self.cost.predict(batch, 1)
             weight = min(1.0, max(0.0, plain - self.cost.predict(batch - 1, 1)) / plain)
         prefix = []
@@ -251,7 +251,7 @@ class Scheduler:
         top = min(self.max_width, 1 + max((len(v) for v in values), default=0))
         best = None
         plain_rate = None
-        drafting = []  # (rate, q) of every width > 1
+        best_drafting = 0.0  # the best rate of a width > 1
         for q in range(1, top + 1):
             got = [sums[min(q - 1, len(sums) - 1)] for sums in prefix]
             gain = sum(1.0 + self.realism * v for v in got)
@@ -264,11 +264,11 @@ class Scheduler:
             if q == 1:
                 plain_rate = rate
             else:
-                drafting.append((rate, q))
+                best_drafting = max(best_drafting, rate)
             if best is None or rate > best[0]:
                 best = (rate, q, gain, seconds)
         rate, q, gain, seconds = best
-        self._draft_ratio = max((r for r, w in drafting), default=0.0) / plain_rate
+        self._draft_ratio = best_drafting / plain_rate
         if q > 1 and rate < plain_rate * (1 + self.margin):
             return 1, float(batch), self.cost.predict(batch, 1)
         return q, gain, seconds
