@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from ..model.draft_head import get_head
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
 from .row_tree import accept_rows, row_trees
@@ -104,9 +105,25 @@ def fused_pass(
         on_logits(logits, paths, [row[1:] for row in emitted])
     cache.keep_slots(paths)  # last and the accepted drafts
     accepted = [len(p) - 1 for p in paths]
-    guesses = z.tolist() if any(r.block for r in rows) else None
-    nxt = []
-    for i, (r, a) in enumerate(zip(rows, accepted)):
-        start = 1 + len(r.drafts)  # e_j, at block position j, guesses the token j + 1 past the root
-        nxt.append(guesses[i][start + a : start + r.block] if r.block else [])
+    head = get_head(model)
+    if head is not None and any(r.block > a for r, a in zip(rows, accepted)):
+        nxt = _head_guesses(head, rows, accepted, bonus, banned)
+    else:
+        guesses = z.tolist() if any(r.block for r in rows) else None
+        nxt = []
+        for i, (r, a) in enumerate(zip(rows, accepted)):
+            start = 1 + len(r.drafts)  # e_j, at block position j, guesses the token j + 1 past the root
+            nxt.append(guesses[i][start + a : start + r.block] if r.block else [])
     return [row[1:] for row in emitted], bonus, nxt, accepted
+
+
+def _head_guesses(head, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned) -> list[list[int]]:
+    """The next SAT drafts through the draft head: for a row that accepted a drafts, block
+    positions a.. guess one after another, the first conditioned on the bonus (the token
+    just before its target)."""
+    counts = [max(r.block - a, 0) for r, a in zip(rows, accepted)]
+    starts = [1 + len(r.drafts) + a for r, a in zip(rows, accepted)]
+    width = head.hidden.shape[1]
+    index = torch.tensor([[min(s + j, width - 1) for j in range(max(counts))] for s in starts], device=bonus.device)
+    hidden = head.hidden.gather(1, index[..., None].expand(-1, -1, head.hidden.shape[-1]))  # [B, n, H]
+    return head.chain(hidden, bonus, counts, banned)

@@ -11,6 +11,9 @@ import torch
 
 from .adapter import ATTR as ADAPTER_ATTR
 from .adapter import AdapterConfig, attach_adapter, get_adapter, has_adapter_file
+from .draft_head import ATTR as HEAD_ATTR
+from .draft_head import WEIGHTS_FILE as HEAD_WEIGHTS
+from .draft_head import HeadConfig, attach_head, get_head
 from .default_model import DEFAULT_NAME, default_checkpoint
 from .sat import CONFIG_FILE, SATConfig, add_sat_tokens
 
@@ -155,6 +158,9 @@ def load_model(
         adapter = attach_adapter(model, sat.sat_ids, AdapterConfig(**sat.adapter))
         adapter.load_weights(sat_dir)
         model.eval()
+    if sat is not None and sat.head:
+        attach_head(model, HeadConfig(**sat.head)).load_weights(sat_dir)
+        model.eval()
     if sat is None and add_sat:
         sat = add_sat_tokens(model, tokenizer, add_sat, repeated=sat_repeated, base_model=name)
         log.warning("model %s: added %d untrained SATs (drafts will rarely be accepted)", name, add_sat)
@@ -174,29 +180,39 @@ def _add_artifact_tokens(model, tokenizer, sat: SATConfig, artifact: Path) -> No
 def save_model(loaded: LoadedModel, directory: str | Path) -> Path:
     """Save model, tokenizer and SAT config as a plain Hugging Face checkpoint directory.
 
-    A SAT adapter goes to its own file (sdsat_adapter.safetensors), not into the model's weights.
+    A SAT adapter and a draft head go to their own files (sdsat_adapter.safetensors,
+    sdsat_head.safetensors), not into the model's weights.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = get_adapter(loaded.model)
-    if adapter is not None:
-        delattr(loaded.model, ADAPTER_ATTR)  # keep its tensors out of model.safetensors
+    extras = {attr: module for attr, module in ((ADAPTER_ATTR, get_adapter(loaded.model)), (HEAD_ATTR, get_head(loaded.model)))
+              if module is not None}
+    for attr in extras:
+        delattr(loaded.model, attr)  # keep their tensors out of model.safetensors
     try:
         loaded.model.save_pretrained(out)
     finally:
-        if adapter is not None:
-            setattr(loaded.model, ADAPTER_ATTR, adapter)
+        for attr, module in extras.items():
+            setattr(loaded.model, attr, module)
     loaded.tokenizer.save_pretrained(out)
-    if adapter is not None:
-        adapter.save(out, dtype=loaded.dtype)
+    for module in extras.values():
+        module.save(out, dtype=loaded.dtype)
     if loaded.sat is not None:
-        replace(loaded.sat, adapter=adapter.cfg.to_dict() if adapter is not None else {}).save(out)
+        _with_extras(loaded).save(out)
     return out
+
+
+def _with_extras(loaded: LoadedModel) -> SATConfig:
+    """The SAT config naming the model's adapter and draft head (empty where it has none)."""
+    adapter, head = get_adapter(loaded.model), get_head(loaded.model)
+    return replace(loaded.sat, adapter=adapter.cfg.to_dict() if adapter is not None else {},
+                   head=head.cfg.to_dict() if head is not None else {})
 
 
 def save_artifact(loaded: LoadedModel, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Save only what SATs add to the base model: sdsat_config.json (whose base_model names
-    the base) and the adapter's weights (SAT rows and low-rank deltas) in ``dtype``.
+    the base), the adapter's weights (SAT rows and low-rank deltas) and the draft head's, if
+    any, in ``dtype``.
     load_model(directory) loads the base model with them applied."""
     adapter = get_adapter(loaded.model)
     if adapter is None or loaded.sat is None:
@@ -204,5 +220,10 @@ def save_artifact(loaded: LoadedModel, directory: str | Path, dtype: torch.dtype
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out, dtype=dtype)
-    replace(loaded.sat, adapter=adapter.cfg.to_dict()).save(out)
+    head = get_head(loaded.model)
+    if head is not None:
+        head.save(out, dtype=dtype)
+    elif (out / HEAD_WEIGHTS).exists():
+        (out / HEAD_WEIGHTS).unlink()  # a stale head from an earlier export would not match
+    _with_extras(loaded).save(out)
     return out

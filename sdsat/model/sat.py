@@ -33,6 +33,7 @@ class SATConfig:
     repeated: bool = False
     recipe: dict = field(default_factory=dict)
     adapter: dict = field(default_factory=dict)  # AdapterConfig fields; empty: no SAT adapter
+    head: dict = field(default_factory=dict)  # HeadConfig fields; empty: no draft head
     format_version: int = FORMAT_VERSION
 
     @property

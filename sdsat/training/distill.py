@@ -47,8 +47,20 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
     return distilled
 
 
-def read_prompts(path: str) -> list[list[int]]:
-    """A committed prompt set: a JSON list of token-id lists; ValueError naming what is wrong."""
+def read_prompts(paths: str) -> list[list[int]]:
+    """Committed prompt sets: comma-separated JSON files, each a list of token-id lists, read
+    in turn and interleaved (so a distill_rows cut keeps every set's share); ValueError naming
+    what is wrong."""
+    sets = [_read_prompt_file(path.strip()) for path in paths.split(",") if path.strip()]
+    if not sets:
+        raise ValueError(f"distill_prompts={paths!r} names no file")
+    out = []
+    for i in range(max(len(s) for s in sets)):
+        out += [s[i] for s in sets if i < len(s)]
+    return out
+
+
+def _read_prompt_file(path: str) -> list[list[int]]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"distill_prompts={path!r}: no such file (relative paths are read from {Path.cwd()})")

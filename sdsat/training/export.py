@@ -1,5 +1,5 @@
 """The final export of a fine-tuning run: a plain Hugging Face checkpoint directory, or a
-SAT artifact (sdsat_config.json and the adapter's weights), in a directory or at a URI.
+SAT artifact (sdsat_config.json, the adapter's weights and the draft head's, if any), in a directory or at a URI.
 
 Streamed: the weights go from the training module to safetensors files one tensor at a
 time (a sharded tensor is gathered alone, then written by rank 0 in export_dtype), in
@@ -28,6 +28,9 @@ from torch.distributed.tensor import DTensor
 from ..model.adapter import ATTR as ADAPTER_ATTR
 from ..model.adapter import WEIGHTS_FILE as ADAPTER_FILE
 from ..model.adapter import get_adapter
+from ..model.draft_head import ATTR as HEAD_ATTR
+from ..model.draft_head import WEIGHTS_FILE as HEAD_FILE
+from ..model.draft_head import get_head
 from ..model.load import LoadedModel, parse_dtype
 from .progress import Progress
 from .storage import is_uri, upload
@@ -60,12 +63,14 @@ def export(module, loaded: LoadedModel, cfg: dict, location: str, rank: int) -> 
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    base, adapter = [], []
+    base, adapter, head = [], [], []
     for name, tensor in _named_tensors(module, loaded, cfg, rank):
-        (adapter if name.startswith(ADAPTER_ATTR + ".") else base).append((name, tensor))
+        part = adapter if name.startswith(ADAPTER_ATTR + ".") else head if name.startswith(HEAD_ATTR + ".") else base
+        part.append((name, tensor))
     if cfg["export_format"] == "checkpoint":
         _write_weights(base, staging, dtype, rank)
     adapter_tensors = _gather(adapter, dtype, rank)
+    head_tensors = _gather(head, dtype, rank)
     if rank != 0:
         return None
     sat = replace(loaded.sat, num_sat_trained=cfg["num_sat"], recipe=recipe(cfg))
@@ -75,6 +80,10 @@ def export(module, loaded: LoadedModel, cfg: dict, location: str, rank: int) -> 
         # The layout SATAdapter.save writes and SATAdapter.load_weights reads.
         save_file(tensors, str(staging / ADAPTER_FILE), metadata={"sat_ids": ",".join(map(str, trained_adapter.sat_ids))})
         sat = replace(sat, adapter=trained_adapter.cfg.to_dict())
+    trained_head = get_head(loaded.model)
+    if trained_head is not None:  # the layout DraftHead.save writes and DraftHead.load_weights reads
+        save_file({name.removeprefix(HEAD_ATTR + "."): t for name, t in head_tensors.items()}, str(staging / HEAD_FILE))
+        sat = replace(sat, head=trained_head.cfg.to_dict())
     if cfg["export_format"] == "checkpoint":
         config = copy.deepcopy(loaded.model.config)
         config.dtype = dtype
@@ -102,8 +111,9 @@ def _named_tensors(module, loaded: LoadedModel, cfg: dict, rank: int) -> list[tu
             return []
         from .setup import build_model
 
-        state = {f"model.{k}": v for k, v in build_model(cfg).model.state_dict().items() if not k.startswith(ADAPTER_ATTR + ".")}
-        state |= {k: v for k, v in get_model_state_dict(module).items() if k.startswith(f"model.{ADAPTER_ATTR}.")}
+        extra = (f"{ADAPTER_ATTR}.", f"{HEAD_ATTR}.")
+        state = {f"model.{k}": v for k, v in build_model(cfg).model.state_dict().items() if not k.startswith(extra)}
+        state |= {k: v for k, v in get_model_state_dict(module).items() if k.removeprefix("model.").startswith(extra)}
     else:
         state = get_model_state_dict(module)
     seen, named = set(), []

@@ -10,8 +10,16 @@ passes over the same rows (layout of :func:`sdsat.training.rows.build_row`):
    labelled SAT positions.
 Most compute then goes to SAT labels (rows can hold many blocks).
 
-Loss = w_teacher * CE(SAT, teacher argmax) + w_kl * KL(teacher || SAT) + w_sat * CE(SAT, data).
-On the model's own greedy continuations (self-distillation rows) teacher and data agree.
+Loss = w_teacher * CE(SAT, teacher argmax) + w_kl * KL(teacher || SAT) + w_sat * CE(SAT, data)
+[+ w_head * CE(head, teacher argmax)]. On the model's own greedy continuations
+(self-distillation rows) teacher and data agree.
+
+With a draft head (:mod:`sdsat.model.draft_head`), SAT i of anchor t is also read out by the
+head conditioned on x_{t+i}, the standard token at the teacher's position: in decoding that
+token is the one verification just emitted (the bonus, or the previous accepted draft). The
+metrics then report the head's accuracy, since its guesses are the drafts decoding proposes.
+With ``sat_grad`` False (the adapter frozen, only the head trains) the SAT pass runs without
+gradients too, and only the head's few products are differentiated.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..model.draft_head import get_head
 from .loss import _kl, _logits, _mean
 from .rows import IGNORE, PAD_BLOCK, STD_BLOCK, allowed
 
@@ -34,9 +43,11 @@ class FrozenLossConfig:
     w_teacher: float = 1.0  # CE against the base model's argmax at t+i
     w_kl: float = 0.0  # KL(base distribution at t+i || SAT i's)
     w_sat: float = 0.0  # CE against the data's token x_{t+i+1}
+    w_head: float = 0.0  # CE of the draft head's guess against the teacher argmax (needs a head)
+    sat_grad: bool = True  # False: the SAT pass runs without gradients (only a draft head trains)
 
     def __post_init__(self):
-        weights = (self.w_teacher, self.w_kl, self.w_sat)
+        weights = (self.w_teacher, self.w_kl, self.w_sat, self.w_head)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}")
 
@@ -100,11 +111,12 @@ def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor
         ).last_hidden_state  # [B, W, H]
         teacher = _logits(head, std_hidden.reshape(-1, std_hidden.shape[-1])[batch["teacher_index"]], banned)  # [N, V]
     labelled = batch["labels"] != IGNORE  # [B, S]
-    sat_hidden = decoder(
-        input_ids=batch["sat_ids"], position_ids=batch["sat_pos"], attention_mask=batch["sat_mask"],
-        cache=cache, use_cache=True,
-    ).last_hidden_state[labelled]  # [N, H]
-    logits = _logits(head, sat_hidden, banned)  # [N, V]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.sat_grad):
+        sat_hidden = decoder(
+            input_ids=batch["sat_ids"], position_ids=batch["sat_pos"], attention_mask=batch["sat_mask"],
+            cache=cache, use_cache=True,
+        ).last_hidden_state[labelled]  # [N, H]
+        logits = _logits(head, sat_hidden, banned)  # [N, V]
     target = teacher.argmax(-1)  # [N]
     data = batch["labels"][labelled]  # [N]
 
@@ -113,6 +125,15 @@ def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor
     kl = _mean(_kl(teacher, logits)) if cfg.w_kl else zero
     ce_data = _mean(F.cross_entropy(logits, data, reduction="none")) if cfg.w_sat else zero
     loss = cfg.w_teacher * ce_teacher + cfg.w_kl * kl + cfg.w_sat * ce_data
+    draft_head = get_head(model)
+    if cfg.w_head and draft_head is None:
+        raise ValueError("w_head > 0 needs a model with a draft head")
+    if draft_head is not None:  # its guess, conditioned on x_{t+i}, is what decoding drafts
+        prev = batch["std_ids"].reshape(-1)[batch["teacher_index"]]  # [N]
+        logits = draft_head.logits(sat_hidden, prev).float().index_fill(-1, banned, torch.finfo(torch.float32).min)
+        ce_head = _mean(F.cross_entropy(logits, target, reduction="none"))
+        loss = loss + cfg.w_head * ce_head
+        ce_teacher = ce_head
     metrics = {
         "loss": float(loss.detach()),
         "ce_std": 0.0,

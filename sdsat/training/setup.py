@@ -9,6 +9,8 @@ import math
 import torch
 
 from ..model.adapter import AdapterConfig, attach_adapter, get_adapter
+from ..model.draft_head import ATTR as HEAD_ATTR
+from ..model.draft_head import HeadConfig, attach_head, get_head
 from ..model.load import LoadedModel, load_model
 from ..model.sat import add_sat_tokens
 from .frozen_loss import FrozenLossConfig, frozen_loss
@@ -34,7 +36,8 @@ class LossModule(torch.nn.Module):
 def loss_config(cfg: dict, sat_ids: list[int]) -> LossConfig | FrozenLossConfig:
     if cfg["train"] == "sat_adapter":
         return FrozenLossConfig(banned_ids=tuple(sat_ids), num_sat=cfg["num_sat"], w_teacher=cfg["w_teacher"],
-                                w_kl=cfg["w_kl"], w_sat=cfg["w_sat"])
+                                w_kl=cfg["w_kl"], w_sat=cfg["w_sat"], w_head=cfg.get("w_head", 1.0) if cfg.get("draft_head", 0) else 0.0,
+                                sat_grad=not cfg.get("freeze_adapter", False))
     return LossConfig(w_std=cfg["w_std"], w_sat=cfg["w_sat"], banned_ids=tuple(sat_ids), num_sat=cfg["num_sat"])
 
 
@@ -66,6 +69,8 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast
     sat_adapter: the base model is frozen (and, with precision=bf16 and cast_frozen, cast to
     bf16: it needs no fp32 master copy; under FSDP the mixed-precision policy casts instead); a SAT adapter (sdsat/model/adapter.py, fp32) trains, its SAT rows at
     sat_lr and its low-rank deltas at lr. Standard tokens then run without gradients.
+    With draft_head > 0 a fresh draft head (fp32, seeded) trains too, at lr; with
+    freeze_adapter only the head trains.
     """
     if cfg["train"] == "full":
         for p in model.parameters():
@@ -91,7 +96,13 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast
             adapter = attach_adapter(model, sat_ids, adapter_cfg)
         adapter.float()
         for p in adapter.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(not cfg.get("freeze_adapter", False))
+        if cfg.get("draft_head", 0):
+            if get_head(model) is not None:  # a fresh head, whatever the loaded model had
+                get_head(model).detach()
+                delattr(model, HEAD_ATTR)
+            torch.manual_seed(cfg["seed"])
+            attach_head(model, HeadConfig(cfg.get("draft_head", 0))).requires_grad_(True)
         return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "sat_lr": cfg["sat_lr"] or cfg["lr"]}
     raise ValueError(f"unknown train mode {cfg['train']!r}; choose full, sat_embeddings or sat_adapter")
 

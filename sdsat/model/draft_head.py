@@ -1,0 +1,141 @@
+"""A draft-coherence head: SAT i's guess conditioned on the token just before it.
+
+A SAT at offset i sees the prefix up to ``last`` only: SAT 1 guesses the token two steps
+ahead without knowing the next one, which the same pass computes exactly (the argmax at
+``last``). The head closes that gap. After a pass, the guesses are made one after another:
+
+    g_1 = argmax lm_head(h_1 + mlp([h_1, embed(y)]))        y: the token before SAT 1's target
+    g_i = argmax lm_head(h_i + mlp([h_i, embed(g_{i-1})]))
+
+where h_i is SAT i's final hidden state (the LM head's input) and y is the pass's exact next
+token. The k drafts are then one consistent continuation, not k independent guesses (as in
+Hydra's sequential heads and the sampler head of "Your LLM Knows the Future").
+
+The head only changes which drafts are proposed; verification decides what is emitted, so
+the output stays exactly the model's greedy output. Its second layer starts at zero: a fresh
+head guesses exactly what the SATs alone guess. Parameters are fp32 (a few small products per
+pass); the LM head runs in the model's dtype.
+
+Stored as ``sdsat_head.safetensors`` beside the SAT adapter; its shape lives in
+``SATConfig.head``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTS_FILE = "sdsat_head.safetensors"
+ATTR = "sdsat_head"  # the head's attribute on the model it is attached to
+
+
+@dataclass
+class HeadConfig:
+    width: int = 1024  # hidden width of the head's MLP
+
+    def __post_init__(self):
+        if self.width < 1:
+            raise ValueError(f"draft head width must be >= 1, got {self.width}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DraftHead(torch.nn.Module):
+    """h, prev -> h + fc2(silu(fc1([h, embed(prev)]))), read out by the model's LM head."""
+
+    def __init__(self, model: torch.nn.Module, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        size = model.config.hidden_size
+        self.fc1 = torch.nn.Linear(2 * size, cfg.width)
+        self.fc2 = torch.nn.Linear(cfg.width, size)
+        torch.nn.init.zeros_(self.fc2.weight)
+        torch.nn.init.zeros_(self.fc2.bias)
+        # A tuple: the model's own modules are not registered as the head's submodules.
+        self._hosts = (model.get_input_embeddings(), model.get_output_embeddings())
+        self.hidden: torch.Tensor | None = None  # the LM head's input in the latest pass [B, q, H]
+        self._handle = None
+
+    def attach(self) -> None:
+        """Record the LM head's input on every pass (a reference, no copy)."""
+        self._handle = self._hosts[1].register_forward_pre_hook(self._capture)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self.hidden = None, None
+
+    def _capture(self, module, args):
+        self.hidden = args[0]
+
+    def adjust(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """[N, H] hidden states, [N] previous tokens -> [N, H] adjusted hidden states (fp32)."""
+        h = hidden.float()
+        e = self._hosts[0](prev).float()
+        return h + self.fc2(F.silu(self.fc1(torch.cat([h, e], dim=-1))))
+
+    def logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """[N, V] logits of the adjusted hidden states, through the model's LM head (not its hooks)."""
+        lm = self._hosts[1]
+        return F.linear(self.adjust(hidden, prev).to(lm.weight.dtype), lm.weight, getattr(lm, "bias", None))
+
+    @torch.no_grad()
+    def chain(self, hidden: torch.Tensor, first: torch.Tensor, counts: list[int], banned: torch.Tensor | None) -> list[list[int]]:
+        """Greedy guesses made one after another. hidden [R, n, H]: each row's SAT hidden states
+        from its first guessing position; first [R]: the token before row r's first guess;
+        counts[r] <= n: how many guesses row r makes. Returns the guesses per row."""
+        out: list[list[int]] = [[] for _ in counts]
+        prev = first
+        live = torch.arange(len(counts), device=hidden.device)
+        for step in range(max(counts, default=0)):
+            keep = [i for i, r in enumerate(live.tolist()) if counts[r] > step]
+            if len(keep) < live.numel():
+                live, prev = live[keep], prev[keep]
+            logits = self.logits(hidden[live, step], prev)
+            if banned is not None and banned.numel():
+                logits = logits.index_fill(-1, banned, float("-inf"))
+            prev = logits.argmax(dim=-1)
+            for r, token in zip(live.tolist(), prev.tolist()):
+                out[r].append(token)
+        return out
+
+    # --- storage ---
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(directory) / WEIGHTS_FILE
+        save_file({name: p.detach().to("cpu", dtype).contiguous() for name, p in self.named_parameters()}, str(path))
+        return path
+
+    def load_weights(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / WEIGHTS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{directory}: its config names a draft head but {WEIGHTS_FILE} is missing")
+        tensors = load_file(str(path))
+        own = dict(self.named_parameters())
+        if set(tensors) != set(own) or any(tensors[n].shape != p.shape for n, p in own.items()):
+            raise ValueError(f"{path} does not fit this model's draft head (width {self.cfg.width})")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(tensors[name].to(p.dtype))
+
+
+def attach_head(model: torch.nn.Module, cfg: HeadConfig) -> DraftHead:
+    """Create a head (fp32, on the model's device), start recording the LM head's input, and
+    make it a submodule of the model (optimizers, DDP and checkpoints see its parameters)."""
+    if get_head(model) is not None:
+        raise ValueError("the model already has a draft head")
+    head = DraftHead(model, cfg).to(next(model.parameters()).device, torch.float32)
+    head.attach()
+    setattr(model, ATTR, head)
+    return head
+
+
+def get_head(model: torch.nn.Module) -> DraftHead | None:
+    return getattr(model, ATTR, None)

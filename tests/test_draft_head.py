@@ -1,0 +1,202 @@
+"""The draft-coherence head: chained guesses, exact decoding, training only the head, storage."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from sdsat.decode.decoding import draft, prefill
+from sdsat.decode.fused import RowNodes, fused_pass
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.decode.kv_cache import SlotCache
+from sdsat.decode.scheduler import Scheduler
+from sdsat.model.adapter import AdapterConfig, attach_adapter
+from sdsat.model.draft_head import WEIGHTS_FILE, HeadConfig, attach_head, get_head
+from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
+from sdsat.model.sat import SATConfig
+from sdsat.training.distill import read_prompts
+from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
+from sdsat.training.rows import RowConfig, build_row
+from tests.conftest import hf_greedy, tiny_loaded, tiny_model
+from tests.test_finetune_config import tiny_tokenizer
+
+K = 4
+PROMPTS = [[3, 9, 27, 81], [1, 2, 3, 5, 8, 13, 21], [100, 7]]
+NEW = 24
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _headed(arch: str = "llama", seed: int = 0) -> tuple[LoadedModel, object]:
+    loaded = tiny_loaded(arch, k=K)
+    head = attach_head(loaded.model, HeadConfig(width=32))
+    _randomize(head, seed)
+    return loaded, head
+
+
+def _draft(loaded: LoadedModel, k: int = K) -> tuple[torch.Tensor, torch.Tensor]:
+    banned = torch.tensor(loaded.sat.unique_ids)
+    with torch.inference_mode():
+        cache = SlotCache.for_model(loaded.model, len(PROMPTS))
+        last = prefill(loaded.model, cache, PROMPTS, 0)
+        return draft(loaded.model, cache, last, torch.tensor(loaded.sat.ids_for(k)), banned)
+
+
+def test_a_fresh_head_guesses_exactly_what_the_sats_guess():
+    loaded = tiny_loaded(k=K)
+    y0, plain = _draft(loaded)
+    attach_head(loaded.model, HeadConfig(width=16))  # its second layer starts at zero
+    y0_head, chained = _draft(loaded)
+    assert torch.equal(y0, y0_head) and torch.equal(plain, chained)
+
+
+def test_guesses_are_chained_on_the_token_before_each():
+    """d_1 is read from SAT 1 given y0 (the pass's exact next token), d_i from SAT i given d_(i-1)."""
+    loaded, head = _headed()
+    y0, chained = _draft(loaded)
+    banned = torch.tensor(loaded.sat.unique_ids)
+    with torch.inference_mode():
+        cache = SlotCache.for_model(loaded.model, len(PROMPTS))
+        last = prefill(loaded.model, cache, PROMPTS, 0)
+        ids = torch.cat([last[:, None], torch.tensor([loaded.sat.ids_for(K)] * len(PROMPTS))], dim=1)
+        loaded.model(input_ids=ids, attention_mask=cache.prepare(K + 1, cache.dtype, None),
+                     position_ids=cache.position_ids(K + 1, None), cache=cache, use_cache=True)
+        hidden, prev, expected = head.hidden, y0, []
+        for i in range(K):
+            logits = head.logits(hidden[:, 1 + i], prev).index_fill(-1, banned, float("-inf"))
+            prev = logits.argmax(-1)
+            expected.append(prev)
+    assert torch.equal(chained, torch.stack(expected, dim=1))
+    assert not torch.equal(chained, _draft(tiny_loaded(k=K))[1])  # the head changed the drafts
+
+
+def test_a_head_leaves_every_model_output_bit_identical():
+    loaded, _ = _headed()
+    reference = tiny_model()
+    ids = torch.tensor([PROMPTS[1] + loaded.sat.sat_ids])
+    assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["two_step", "scheduled"])
+def test_decoding_with_a_head_equals_plain_greedy(arch, mode):
+    loaded, _ = _headed(arch)
+    refs = [hf_greedy(loaded, p, NEW) for p in PROMPTS]
+    seqs = make_sequences(loaded, PROMPTS, NEW, eos=False)
+    if mode == "two_step":
+        generate(loaded, seqs, K, two_step=True)
+    else:
+        scheduler = Scheduler(lambda rows, q: 1.0, explore_fraction=0.5, explore_every=3)
+        scheduler.total_s = 1e9
+        generate(loaded, seqs, K, lookup=0, scheduler=scheduler)
+    assert [s.output_ids for s in seqs] == refs
+    assert all(s.stats.new_tokens == NEW for s in seqs)
+
+
+def test_fused_next_drafts_are_the_two_step_chain():
+    """With nothing accepted, the fused pass's next drafts are the draft pass's chained drafts."""
+    loaded, _ = _headed()
+    _, drafts = _draft(loaded)
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = list(loaded.sat.ids_for(K))
+    with torch.inference_mode():
+        cache = SlotCache.for_model(loaded.model, len(PROMPTS))
+        last = prefill(loaded.model, cache, PROMPTS, 0)
+        rows = [RowNodes([], [], K) for _ in PROMPTS]
+        _, _, nxt, accepted = fused_pass(loaded.model, cache, last, rows, 1 + K, sat, banned, sat[0])
+    assert accepted == [0] * len(PROMPTS)
+    assert nxt == drafts.tolist()
+
+
+def _rows(sat_ids, seed=0):
+    rng = random.Random(seed)
+    cfg = RowConfig(num_sat=K, poisson_lambda=8, max_blocks=12)
+    return [build_row([rng.randrange(1, 200) for _ in range(n)], sat_ids, cfg, rng) for n in (30, 22)]
+
+
+def test_head_only_training_reaches_only_the_head_and_learns():
+    loaded = tiny_loaded(k=K)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    adapter = attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=4))
+    adapter.requires_grad_(False)
+    head = attach_head(loaded.model, HeadConfig(width=64))
+    cfg = FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_teacher=0.0, w_head=1.0, sat_grad=False)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss, metrics = frozen_loss(loaded.model, batch, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        if first is None:
+            first = metrics
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+            assert all(p.grad is None for n, p in loaded.model.named_parameters() if "sdsat_head" not in n)
+        optimizer.step()
+    assert metrics["loss"] < first["loss"] - 0.5
+    assert sum(metrics["sat_acc"]) / K > sum(first["sat_acc"]) / K + 0.3
+
+
+def test_head_loss_needs_a_head():
+    loaded = tiny_loaded(k=K)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    with pytest.raises(ValueError, match="needs a model with a draft head"):
+        frozen_loss(loaded.model, batch, FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_head=1.0))
+
+
+def test_head_round_trips_through_checkpoints_and_artifacts(tmp_path):
+    base_dir = tmp_path / "base"
+    save_model(LoadedModel(tiny_model(vocab=257), tiny_tokenizer(), None, "tiny", ""), base_dir)
+    loaded = load_model(str(base_dir), add_sat=K)
+    attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=3))
+    _randomize(attach_head(loaded.model, HeadConfig(width=8)), seed=3)
+    loaded.sat.base_model = str(base_dir)
+    h, prev = torch.randn(5, 64), torch.tensor([1, 2, 3, 4, 5])
+    expected = get_head(loaded.model).logits(h, prev)
+
+    save_model(loaded, tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    assert not any("sdsat_head" in key for key in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+    again = load_model(str(tmp_path / "ckpt"))
+    assert again.sat.head == {"width": 8}
+    torch.testing.assert_close(get_head(again.model).logits(h, prev), expected)
+
+    save_artifact(loaded, tmp_path / "artifact", dtype=torch.float32)
+    assert (tmp_path / "artifact" / WEIGHTS_FILE).exists()
+    torch.testing.assert_close(get_head(load_model(str(tmp_path / "artifact")).model).logits(h, prev), expected)
+
+    config = SATConfig.load(tmp_path / "artifact")
+    config.head = {"width": 9}
+    config.save(tmp_path / "artifact")
+    with pytest.raises(ValueError, match="does not fit this model's draft head"):
+        load_model(str(tmp_path / "artifact"))
+    (tmp_path / "artifact" / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
+        load_model(str(tmp_path / "artifact"))
+
+
+def test_several_prompt_files_are_interleaved(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([[1], [2], [3]]))
+    (tmp_path / "b.json").write_text(json.dumps([[10]]))
+    assert read_prompts(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}") == [[1], [10], [2], [3]]
+    with pytest.raises(ValueError, match="no such file"):
+        read_prompts(f"{tmp_path / 'a.json'},{tmp_path / 'missing.json'}")
+
+
+def test_chat_prompts_hold_none_of_the_benchmark_prompts():
+    from jobs.chat_prompts import instructions
+
+    bench = [json.loads(line)["prompt"] for line in open("jobs/data/mixed_prompts.jsonl")]
+    chats = instructions(512)
+    assert len(set(chats)) == 512
+    assert not any(text in prompt for text in chats for prompt in bench)
