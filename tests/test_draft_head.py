@@ -59,7 +59,8 @@ def test_a_fresh_head_guesses_exactly_what_the_sats_guess():
 
 
 def test_guesses_are_chained_on_the_token_before_each():
-    """d_1 is read from SAT 1 given y0 (the pass's exact next token), d_i from SAT i given d_(i-1)."""
+    """d_1 is read from SAT 1 given y0 (the pass's exact next token), d_i from SAT i given d_(i-1);
+    each also given the hidden state at ``last``, the block's anchor."""
     loaded, head = _headed()
     y0, chained = _draft(loaded)
     banned = torch.tensor(loaded.sat.unique_ids)
@@ -71,7 +72,7 @@ def test_guesses_are_chained_on_the_token_before_each():
                      position_ids=cache.position_ids(K + 1, None), cache=cache, use_cache=True)
         hidden, prev, expected = head.hidden, y0, []
         for i in range(K):
-            logits = head.logits(hidden[:, 1 + i], prev).index_fill(-1, banned, float("-inf"))
+            logits = head.logits(hidden[:, 1 + i], prev, hidden[:, 0]).index_fill(-1, banned, float("-inf"))
             prev = logits.argmax(-1)
             expected.append(prev)
     assert torch.equal(chained, torch.stack(expected, dim=1))
@@ -160,8 +161,8 @@ def test_head_round_trips_through_checkpoints_and_artifacts(tmp_path):
     attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=3))
     _randomize(attach_head(loaded.model, HeadConfig(width=8)), seed=3)
     loaded.sat.base_model = str(base_dir)
-    h, prev = torch.randn(5, 64), torch.tensor([1, 2, 3, 4, 5])
-    expected = get_head(loaded.model).logits(h, prev)
+    h, prev, anchor = torch.randn(5, 64), torch.tensor([1, 2, 3, 4, 5]), torch.randn(5, 64)
+    expected = get_head(loaded.model).logits(h, prev, anchor)
 
     save_model(loaded, tmp_path / "ckpt")
     from safetensors.torch import load_file
@@ -169,11 +170,11 @@ def test_head_round_trips_through_checkpoints_and_artifacts(tmp_path):
     assert not any("sdsat_head" in key for key in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
     again = load_model(str(tmp_path / "ckpt"))
     assert again.sat.head == {"width": 8}
-    torch.testing.assert_close(get_head(again.model).logits(h, prev), expected)
+    torch.testing.assert_close(get_head(again.model).logits(h, prev, anchor), expected)
 
     save_artifact(loaded, tmp_path / "artifact", dtype=torch.float32)
     assert (tmp_path / "artifact" / WEIGHTS_FILE).exists()
-    torch.testing.assert_close(get_head(load_model(str(tmp_path / "artifact")).model).logits(h, prev), expected)
+    torch.testing.assert_close(get_head(load_model(str(tmp_path / "artifact")).model).logits(h, prev, anchor), expected)
 
     config = SATConfig.load(tmp_path / "artifact")
     config.head = {"width": 9}
@@ -200,3 +201,16 @@ def test_chat_prompts_hold_none_of_the_benchmark_prompts():
     chats = instructions(512)
     assert len(set(chats)) == 512
     assert not any(text in prompt for text in chats for prompt in bench)
+
+
+def test_head_inputs_in_training_are_the_anchor_and_the_token_before_the_target():
+    """For SAT i of anchor t the anchor feature sits at position t of the same row (the previous
+    token, x_{t+i}, sits at the teacher's index: checked in tests/test_adapter.py)."""
+    loaded = tiny_loaded(k=K)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    labelled = batch["labels"] != -100
+    offset, sat_pos = batch["sat_offset"][labelled], batch["sat_pos"][labelled]
+    anchor_index = batch["teacher_index"] - offset
+    assert torch.equal(batch["std_pos"].reshape(-1)[anchor_index], sat_pos - offset)  # position t
+    width = batch["std_ids"].shape[1]
+    assert torch.equal(anchor_index // width, batch["teacher_index"] // width)  # the same row

@@ -121,7 +121,7 @@ def draft(
         on_logits(logits, [[0]] * batch, tokens[:, :1].tolist())
     head = get_head(model)
     if head is not None and sat_ids.numel():  # drafts one after another, d_1 conditioned on y0
-        chained = head.chain(head.hidden[:, 1:], tokens[:, 0], [sat_ids.numel()] * batch, banned)
+        chained = head.chain(head.hidden[:, 1:], tokens[:, 0], head.hidden[:, 0], [sat_ids.numel()] * batch, banned)
         return tokens[:, 0], torch.tensor(chained, dtype=torch.long, device=last.device)
     return tokens[:, 0], tokens[:, 1:]
 

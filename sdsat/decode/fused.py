@@ -120,10 +120,10 @@ def fused_pass(
 def _head_guesses(head, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned) -> list[list[int]]:
     """The next SAT drafts through the draft head: for a row that accepted a drafts, block
     positions a.. guess one after another, the first conditioned on the bonus (the token
-    just before its target)."""
+    just before its target), all on the root's hidden state (the block's anchor)."""
     counts = [max(r.block - a, 0) for r, a in zip(rows, accepted)]
     starts = [1 + len(r.drafts) + a for r, a in zip(rows, accepted)]
     width = head.hidden.shape[1]
     index = torch.tensor([[min(s + j, width - 1) for j in range(max(counts))] for s in starts], device=bonus.device)
     hidden = head.hidden.gather(1, index[..., None].expand(-1, -1, head.hidden.shape[-1]))  # [B, n, H]
-    return head.chain(hidden, bonus, counts, banned)
+    return head.chain(hidden, bonus, head.hidden[:, 0], counts, banned)  # anchor: the root

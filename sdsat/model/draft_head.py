@@ -4,11 +4,13 @@ A SAT at offset i sees the prefix up to ``last`` only: SAT 1 guesses the token t
 ahead without knowing the next one, which the same pass computes exactly (the argmax at
 ``last``). The head closes that gap. After a pass, the guesses are made one after another:
 
-    g_1 = argmax lm_head(h_1 + mlp([h_1, embed(y)]))        y: the token before SAT 1's target
-    g_i = argmax lm_head(h_i + mlp([h_i, embed(g_{i-1})]))
+    g_1 = argmax lm_head(h_1 + mlp([h_1, embed(y), f]))        y: the token before SAT 1's target
+    g_i = argmax lm_head(h_i + mlp([h_i, embed(g_{i-1}), f]))
 
-where h_i is SAT i's final hidden state (the LM head's input) and y is the pass's exact next
-token. The k drafts are then one consistent continuation, not k independent guesses (as in
+where h_i is SAT i's final hidden state (the LM head's input), f the final hidden state at
+the block's anchor ``last`` (the base model's own, the one whose argmax gave y when nothing
+was accepted: EAGLE's input pair of feature and next token) and y the token just before the
+first guess's target. The k drafts are then one consistent continuation, not k independent guesses (as in
 Hydra's sequential heads and the sampler head of "Your LLM Knows the Future").
 
 The head only changes which drafts are proposed; verification decides what is emitted, so
@@ -45,13 +47,13 @@ class HeadConfig:
 
 
 class DraftHead(torch.nn.Module):
-    """h, prev -> h + fc2(silu(fc1([h, embed(prev)]))), read out by the model's LM head."""
+    """h, prev, anchor -> h + fc2(silu(fc1([h, embed(prev), anchor]))), read out by the model's LM head."""
 
     def __init__(self, model: torch.nn.Module, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
         size = model.config.hidden_size
-        self.fc1 = torch.nn.Linear(2 * size, cfg.width)
+        self.fc1 = torch.nn.Linear(3 * size, cfg.width)
         self.fc2 = torch.nn.Linear(cfg.width, size)
         torch.nn.init.zeros_(self.fc2.weight)
         torch.nn.init.zeros_(self.fc2.bias)
@@ -72,22 +74,26 @@ class DraftHead(torch.nn.Module):
     def _capture(self, module, args):
         self.hidden = args[0]
 
-    def adjust(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """[N, H] hidden states, [N] previous tokens -> [N, H] adjusted hidden states (fp32)."""
+    def adjust(self, hidden: torch.Tensor, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """[N, H] SAT hidden states, [N] previous tokens, [N, H] anchor hidden states -> [N, H]
+        adjusted hidden states (fp32)."""
         h = hidden.float()
         e = self._hosts[0](prev).float()
-        return h + self.fc2(F.silu(self.fc1(torch.cat([h, e], dim=-1))))
+        return h + self.fc2(F.silu(self.fc1(torch.cat([h, e, anchor.float()], dim=-1))))
 
-    def logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         """[N, V] logits of the adjusted hidden states, through the model's LM head (not its hooks)."""
         lm = self._hosts[1]
-        return F.linear(self.adjust(hidden, prev).to(lm.weight.dtype), lm.weight, getattr(lm, "bias", None))
+        return F.linear(self.adjust(hidden, prev, anchor).to(lm.weight.dtype), lm.weight, getattr(lm, "bias", None))
 
     @torch.no_grad()
-    def chain(self, hidden: torch.Tensor, first: torch.Tensor, counts: list[int], banned: torch.Tensor | None) -> list[list[int]]:
+    def chain(
+        self, hidden: torch.Tensor, first: torch.Tensor, anchor: torch.Tensor, counts: list[int], banned: torch.Tensor | None
+    ) -> list[list[int]]:
         """Greedy guesses made one after another. hidden [R, n, H]: each row's SAT hidden states
         from its first guessing position; first [R]: the token before row r's first guess;
-        counts[r] <= n: how many guesses row r makes. Returns the guesses per row."""
+        anchor [R, H]: the hidden state at row r's block anchor; counts[r] <= n: how many
+        guesses row r makes. Returns the guesses per row."""
         out: list[list[int]] = [[] for _ in counts]
         prev = first
         live = torch.arange(len(counts), device=hidden.device)
@@ -95,7 +101,7 @@ class DraftHead(torch.nn.Module):
             keep = [i for i, r in enumerate(live.tolist()) if counts[r] > step]
             if len(keep) < live.numel():
                 live, prev = live[keep], prev[keep]
-            logits = self.logits(hidden[live, step], prev)
+            logits = self.logits(hidden[live, step], prev, anchor[live])
             if banned is not None and banned.numel():
                 logits = logits.index_fill(-1, banned, float("-inf"))
             prev = logits.argmax(dim=-1)

@@ -15,8 +15,9 @@ Loss = w_teacher * CE(SAT, teacher argmax) + w_kl * KL(teacher || SAT) + w_sat *
 (self-distillation rows) teacher and data agree.
 
 With a draft head (:mod:`sdsat.model.draft_head`), SAT i of anchor t is also read out by the
-head conditioned on x_{t+i}, the standard token at the teacher's position: in decoding that
-token is the one verification just emitted (the bonus, or the previous accepted draft). The
+head conditioned on x_{t+i}, the standard token at the teacher's position (in decoding that
+token is the one verification just emitted, or the head's previous guess), and on the
+anchor's hidden state (in decoding: the root's). The
 metrics then report the head's accuracy, since its guesses are the drafts decoding proposes.
 With ``sat_grad`` False (the adapter frozen, only the head trains) the SAT pass runs without
 gradients too, and only the head's few products are differentiated.
@@ -129,8 +130,10 @@ def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor
     if cfg.w_head and draft_head is None:
         raise ValueError("w_head > 0 needs a model with a draft head")
     if draft_head is not None:  # its guess, conditioned on x_{t+i}, is what decoding drafts
-        prev = batch["std_ids"].reshape(-1)[batch["teacher_index"]]  # [N]
-        logits = draft_head.logits(sat_hidden, prev).float().index_fill(-1, banned, torch.finfo(torch.float32).min)
+        prev = batch["std_ids"].reshape(-1)[batch["teacher_index"]]  # [N]: x_{t+i}
+        anchor_index = batch["teacher_index"] - batch["sat_offset"][labelled]  # [N]: b * W + t
+        anchor = std_hidden.reshape(-1, std_hidden.shape[-1])[anchor_index]  # [N, H]
+        logits = draft_head.logits(sat_hidden, prev, anchor).float().index_fill(-1, banned, torch.finfo(torch.float32).min)
         ce_head = _mean(F.cross_entropy(logits, target, reduction="none"))
         loss = loss + cfg.w_head * ce_head
         ce_teacher = ce_head
