@@ -81,3 +81,24 @@ def test_pickle_based_files_are_refused(tmp_path, unsafe):
     with pytest.raises(ValueError, match="never loaded"):
         load_checkpoint(tmp_path / "ck", model, optimizer, scheduler, rank=0)
     assert read_state(tmp_path / "ck")["step"] == 2  # JSON is still read
+
+
+def _tied(seed: int):
+    model = tiny_model(seed=seed)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied input and output embeddings (the default model's)
+    return model
+
+
+def test_tied_embeddings_are_saved_once_and_restored(tmp_path):
+    model = _tied(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.arange(2, 34).view(2, 16)
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "ck", model, optimizer, make_scheduler(optimizer, SCHEDULE), {"step": 1}, rank=0, world=1)
+    fresh = _tied(1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    load_checkpoint(tmp_path / "ck", fresh, fresh_opt, make_scheduler(fresh_opt, SCHEDULE), rank=0)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name

@@ -128,14 +128,31 @@ def is_complete(directory: Path) -> bool:
 
 
 def _tensors(model_sd: dict, optim_sd: dict) -> dict:
-    """Model and optimizer tensors under flat names (the same tensor objects, so a load fills them)."""
-    flat = {f"model.{name}": tensor for name, tensor in model_sd.items()}
+    """Model and optimizer tensors under flat names (the same tensor objects, so a load fills them).
+
+    A tensor reached under several names (tied input and output embeddings) is kept under its
+    first name only: safetensors refuses shared memory, and loading that one name fills the
+    tensor every name shares."""
+    flat, seen = {}, set()
+    for name, tensor in model_sd.items():
+        if isinstance(tensor, torch.Tensor) and not _is_sharded(tensor):
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        flat[f"model.{name}"] = tensor
     for param, slots in optim_sd["state"].items():
         for slot, value in slots.items():
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"optimizer state {param}.{slot} is not a tensor: it cannot be checkpointed")
             flat[f"optim.{param}.{slot}"] = value
     return flat
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _rng_state() -> dict:
