@@ -33,7 +33,7 @@ import time
 import torch
 
 from jobs.prompts import load_prompts
-from jobs.report import machine_info, write_json
+from jobs.report import machine_info, sat_info, write_json
 from sdsat.decode.calibrate import measured_scheduler
 from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, oracle_drafts
 from sdsat.decode.scheduler import Scheduler
@@ -253,6 +253,7 @@ def main(argv=None) -> dict:
     agg = total(sdsat_stats)
     result = {
         "model": args.model,
+        "sats": sat_info(loaded),
         "dtype": dtype_name,
         "device": args.device,
         "machine": machine_info(),

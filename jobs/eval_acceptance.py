@@ -16,8 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import write_json  # noqa: E402
+from jobs.report import machine_info, sat_info, write_json  # noqa: E402
 from sdsat.decode.generate import generate, make_sequences  # noqa: E402
+from sdsat.model.draft_head import ATTR as HEAD_ATTR  # noqa: E402
+from sdsat.model.draft_head import get_head  # noqa: E402
 from sdsat.model.load import load_model  # noqa: E402
 from sdsat.decode.stats import DecodeStats  # noqa: E402
 
@@ -46,11 +48,21 @@ def main(argv=None) -> dict:
     p.add_argument("--num-sat", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-head", action="store_true", help="ignore the model's draft head: the SATs' own guesses")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype)
+    if args.no_head and loaded.sat is not None and loaded.sat.head:
+        get_head(loaded.model).detach()
+        delattr(loaded.model, HEAD_ATTR)
+        loaded.sat.head = {}
     result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens)
-    result.update(model=args.model, prompts=args.prompts, k=args.num_sat, dtype=args.dtype)
+    result.update(machine=machine_info(), model=args.model, sats=sat_info(loaded), prompts=args.prompts, k=args.num_sat, dtype=args.dtype)
     rates = " ".join(f"{r:.2f}" for r in result["accept_rate_per_offset"])
     print(f"tau {result['tau']:.2f} | accepted/iteration {result['accepted_per_iteration']:.2f} | per offset {rates}")
     if args.json:

@@ -47,3 +47,23 @@ def machine_info() -> dict:
     info.pop("model name", None)
     info["cores"] = text.count("\nprocessor") + text.startswith("processor")
     return info
+
+
+def sat_info(loaded) -> dict:
+    """Which SATs a run used: their count, whether an adapter and a draft head (its width)
+    came with them, and a short digest of their weight files (results from different
+    artifacts stay apart)."""
+    import hashlib
+
+    from sdsat.model.load import artifact_dir
+
+    sat = loaded.sat
+    if sat is None:
+        return {"num_sat": 0}
+    folder = artifact_dir(loaded.source) or (Path(loaded.path) if loaded.path and Path(loaded.path).is_dir() else None)
+    digest = hashlib.sha256()
+    for name in ("sdsat_adapter.safetensors", "sdsat_head.safetensors"):
+        if folder is not None and (folder / name).exists():
+            digest.update((folder / name).read_bytes())
+    return {"num_sat": sat.num_sat, "adapter": bool(sat.adapter), "head": sat.head.get("width", 0) if sat.head else 0,
+            "weights": digest.hexdigest()[:12] if folder is not None else None}
