@@ -70,6 +70,27 @@ def hf_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def train_frozen(model, batch, cfg, params, owner: str, steps: int = 40) -> tuple[dict, dict]:
+    """Adam steps of the frozen-base loss on one batch over ``params``; checks at the first
+    step that every gradient lands on parameters named with ``owner`` (and is finite).
+    Returns the first and the last step's metrics."""
+    from sdsat.training.frozen_loss import frozen_loss
+
+    params = list(params)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    first = metrics = None
+    for _ in range(steps):
+        loss, metrics = frozen_loss(model, batch, cfg)
+        optimizer.zero_grad()
+        loss.backward()
+        if first is None:
+            first = metrics
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+            assert all(p.grad is None for n, p in model.named_parameters() if owner not in n)
+        optimizer.step()
+    return first, metrics
+
+
 @pytest.fixture(scope="session")
 def default_fp32() -> LoadedModel:
     """The embedded default model without its shipped SAT artifact ("default-base"), in fp32,

@@ -13,7 +13,7 @@ from sdsat.decode.generate import generate, make_sequences
 from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
 from sdsat.training.rows import RowConfig, build_row, collate
 from sdsat.model.sat import CONFIG_FILE, SATConfig
-from tests.conftest import tiny_loaded, tiny_model
+from tests.conftest import tiny_loaded, tiny_model, train_frozen
 from tests.test_finetune_config import tiny_tokenizer
 
 K = 4
@@ -115,17 +115,7 @@ def test_frozen_loss_trains_only_the_adapter_and_learns():
     adapter = attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=16))
     cfg = FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_teacher=1.0, w_kl=0.1, w_sat=0.1)
     batch = collate_two_pass(_rows(loaded.sat.sat_ids, seed=1), 0, torch.float32)
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
-    first = None
-    for _ in range(40):
-        loss, metrics = frozen_loss(loaded.model, batch, cfg)
-        optimizer.zero_grad()
-        loss.backward()
-        if first is None:
-            first = metrics
-            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
-            assert all(p.grad is None for n, p in loaded.model.named_parameters() if "sdsat_adapter" not in n)
-        optimizer.step()
+    first, metrics = train_frozen(loaded.model, batch, cfg, adapter.parameters(), "sdsat_adapter")
     # A random tiny model's logits span little (its head is small), so the CE stays high;
     # but the SAT predictions come to agree with the teacher on this batch.
     assert metrics["loss"] < first["loss"] - 0.5

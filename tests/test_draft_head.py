@@ -20,7 +20,7 @@ from sdsat.model.sat import SATConfig
 from sdsat.training.distill import read_prompts
 from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
 from sdsat.training.rows import RowConfig, build_row
-from tests.conftest import hf_greedy, tiny_loaded, tiny_model
+from tests.conftest import hf_greedy, tiny_loaded, tiny_model, train_frozen
 from tests.test_finetune_config import tiny_tokenizer
 
 K = 4
@@ -132,17 +132,7 @@ def test_head_only_training_reaches_only_the_head_and_learns():
     head = attach_head(loaded.model, HeadConfig(width=64))
     cfg = FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_teacher=0.0, w_head=1.0, sat_grad=False)
     batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    first = None
-    for _ in range(40):
-        loss, metrics = frozen_loss(loaded.model, batch, cfg)
-        optimizer.zero_grad()
-        loss.backward()
-        if first is None:
-            first = metrics
-            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
-            assert all(p.grad is None for n, p in loaded.model.named_parameters() if "sdsat_head" not in n)
-        optimizer.step()
+    first, metrics = train_frozen(loaded.model, batch, cfg, head.parameters(), "sdsat_head")
     assert metrics["loss"] < first["loss"] - 0.5
     assert sum(metrics["sat_acc"]) / K > sum(first["sat_acc"]) / K + 0.3
 
