@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.prompts import load_prompts  # noqa: E402
 from jobs.report import machine_info, sat_info, write_json  # noqa: E402
 from sdsat.decode.generate import generate, make_sequences  # noqa: E402
-from sdsat.model.draft_head import ATTR as HEAD_ATTR  # noqa: E402
-from sdsat.model.draft_head import get_head  # noqa: E402
+from sdsat.model.draft_head import remove_head  # noqa: E402
 from sdsat.model.load import load_model  # noqa: E402
 from sdsat.decode.stats import DecodeStats  # noqa: E402
 
@@ -57,9 +56,7 @@ def main(argv=None) -> dict:
 
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype)
-    if args.no_head and loaded.sat is not None and loaded.sat.head:
-        get_head(loaded.model).detach()
-        delattr(loaded.model, HEAD_ATTR)
+    if args.no_head and remove_head(loaded.model) is not None:
         loaded.sat.head = {}
     result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens)
     result.update(machine=machine_info(), model=args.model, sats=sat_info(loaded), prompts=args.prompts, k=args.num_sat, dtype=args.dtype)

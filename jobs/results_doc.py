@@ -138,7 +138,7 @@ def speed_rows(results: list[tuple[Path, dict]], base: Path) -> list[list]:
                      spread([r["plain_tokens_per_s"] for _, r in runs]), spread([r["sdsat_tokens_per_s"] for _, r in runs]),
                      "**" + spread([r["speedup"] for _, r in runs], "{:.2f}", "x") + "**",
                      ", ".join(link(p, base) for p, _ in runs)])
-    return sorted(rows, key=lambda row: (not row[2].startswith("default"), row[3], row[4], row[5]))
+    return sorted(rows, key=lambda row: (row[2].removesuffix(" + head") != "default", row[3], row[4], row[5]))
 
 
 SPEED_HEADER = ["machine", "6-token pass cost", "model", "dtype", "batch", "k", "decoder", "plain tok/s", "SDSAT tok/s", "speedup", "files"]

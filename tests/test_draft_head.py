@@ -14,7 +14,7 @@ from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.kv_cache import SlotCache
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.adapter import AdapterConfig, attach_adapter
-from sdsat.model.draft_head import WEIGHTS_FILE, HeadConfig, attach_head, get_head
+from sdsat.model.draft_head import WEIGHTS_FILE, HeadConfig, attach_head, get_head, remove_head
 from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
 from sdsat.model.sat import SATConfig
 from sdsat.training.distill import read_prompts
@@ -121,6 +121,16 @@ def _rows(sat_ids, seed=0):
     rng = random.Random(seed)
     cfg = RowConfig(num_sat=K, poisson_lambda=8, max_blocks=12)
     return [build_row([rng.randrange(1, 200) for _ in range(n)], sat_ids, cfg, rng) for n in (30, 22)]
+
+
+def test_removing_the_head_restores_the_sats_own_guesses():
+    loaded, head = _headed()
+    alone = _draft(tiny_loaded(k=K))[1]
+    assert not torch.equal(_draft(loaded)[1], alone)
+    assert remove_head(loaded.model) is head and get_head(loaded.model) is None
+    assert torch.equal(_draft(loaded)[1], alone) and head.hidden is None  # it no longer records
+    assert remove_head(loaded.model) is None
+    assert all("sdsat_head" not in n for n, _ in loaded.model.named_parameters())
 
 
 def test_head_only_training_reaches_only_the_head_and_learns():

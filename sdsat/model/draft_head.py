@@ -145,3 +145,13 @@ def attach_head(model: torch.nn.Module, cfg: HeadConfig) -> DraftHead:
 
 def get_head(model: torch.nn.Module) -> DraftHead | None:
     return getattr(model, ATTR, None)
+
+
+def remove_head(model: torch.nn.Module) -> DraftHead | None:
+    """Take the model's draft head off (it stops recording and leaves the submodules);
+    returns it, or None where there was none. Decoding then drafts the SATs' own guesses."""
+    head = get_head(model)
+    if head is not None:
+        head.detach()
+        delattr(model, ATTR)
+    return head

@@ -9,8 +9,7 @@ import math
 import torch
 
 from ..model.adapter import AdapterConfig, attach_adapter, get_adapter
-from ..model.draft_head import ATTR as HEAD_ATTR
-from ..model.draft_head import HeadConfig, attach_head, get_head
+from ..model.draft_head import HeadConfig, attach_head, remove_head
 from ..model.load import LoadedModel, load_model
 from ..model.sat import add_sat_tokens
 from .frozen_loss import FrozenLossConfig, frozen_loss
@@ -98,9 +97,7 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast
         for p in adapter.parameters():
             p.requires_grad_(not cfg.get("freeze_adapter", False))
         if cfg.get("draft_head", 0):
-            if get_head(model) is not None:  # a fresh head, whatever the loaded model had
-                get_head(model).detach()
-                delattr(model, HEAD_ATTR)
+            remove_head(model)  # a fresh head, whatever the loaded model had
             torch.manual_seed(cfg["seed"])
             attach_head(model, HeadConfig(cfg.get("draft_head", 0))).requires_grad_(True)
         return {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"], "sat_lr": cfg["sat_lr"] or cfg["lr"]}
