@@ -14,7 +14,7 @@ from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.kv_cache import SlotCache
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.adapter import AdapterConfig, attach_adapter
-from sdsat.model.draft_head import WEIGHTS_FILE, HeadConfig, attach_head, get_head, remove_head
+from sdsat.model.draft_head import HEAD_CANDIDATES, WEIGHTS_FILE, HeadConfig, attach_head, get_head, remove_head, top_candidates
 from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
 from sdsat.model.sat import SATConfig
 from sdsat.training.distill import read_prompts
@@ -60,7 +60,8 @@ def test_a_fresh_head_guesses_exactly_what_the_sats_guess():
 
 def test_guesses_are_chained_on_the_token_before_each():
     """d_1 is read from SAT 1 given y0 (the pass's exact next token), d_i from SAT i given d_(i-1);
-    each also given the hidden state at ``last``, the block's anchor."""
+    each also given the hidden state at ``last``, the block's anchor, and chosen among SAT i's
+    own top HEAD_CANDIDATES tokens."""
     loaded, head = _headed()
     y0, chained = _draft(loaded)
     banned = torch.tensor(loaded.sat.unique_ids)
@@ -68,15 +69,36 @@ def test_guesses_are_chained_on_the_token_before_each():
         cache = SlotCache.for_model(loaded.model, len(PROMPTS))
         last = prefill(loaded.model, cache, PROMPTS, 0)
         ids = torch.cat([last[:, None], torch.tensor([loaded.sat.ids_for(K)] * len(PROMPTS))], dim=1)
-        loaded.model(input_ids=ids, attention_mask=cache.prepare(K + 1, cache.dtype, None),
-                     position_ids=cache.position_ids(K + 1, None), cache=cache, use_cache=True)
+        sat_logits = loaded.model(input_ids=ids, attention_mask=cache.prepare(K + 1, cache.dtype, None),
+                                  position_ids=cache.position_ids(K + 1, None), cache=cache, use_cache=True).logits
         hidden, prev, expected = head.hidden, y0, []
         for i in range(K):
             logits = head.logits(hidden[:, 1 + i], prev, hidden[:, 0]).index_fill(-1, banned, float("-inf"))
-            prev = logits.argmax(-1)
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            allowed.scatter_(1, sat_logits[:, 1 + i].topk(HEAD_CANDIDATES, dim=-1).indices, True)
+            prev = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
             expected.append(prev)
     assert torch.equal(chained, torch.stack(expected, dim=1))
     assert not torch.equal(chained, _draft(tiny_loaded(k=K))[1])  # the head changed the drafts
+
+
+def test_candidates_change_only_which_tokens_a_guess_may_be():
+    """Among every token the restricted guess is the full one; among a few it is the best of those."""
+    loaded, head = _headed()
+    torch.manual_seed(0)
+    hidden, anchor = torch.randn(3, 4, 64), torch.randn(3, 64)
+    first, banned = torch.tensor([5, 6, 7]), torch.tensor(loaded.sat.unique_ids)
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    full = head.chain(hidden, first, anchor, [4, 2, 3], banned)
+    everything = torch.arange(vocab).expand(3, 4, vocab)
+    assert head.chain(hidden, first, anchor, [4, 2, 3], banned, everything) == full
+    few = torch.randint(0, vocab, (3, 4, 8))
+    few[:, :, 0] = banned[0]  # a banned candidate is never chosen
+    guesses = head.chain(hidden, first, anchor, [4, 2, 3], banned, few)
+    for r, row in enumerate(guesses):
+        for step, token in enumerate(row):
+            assert token in few[r, step].tolist() and token != banned[0]
+    assert top_candidates(torch.zeros(2, vocab), vocab) is None and top_candidates(torch.zeros(2, vocab), 0) is None
 
 
 def test_a_head_leaves_every_model_output_bit_identical():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.draft_head import get_head
+from ..model.draft_head import get_head, top_candidates
 from .kv_cache import SlotCache
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill pass
@@ -121,7 +121,9 @@ def draft(
         on_logits(logits, [[0]] * batch, tokens[:, :1].tolist())
     head = get_head(model)
     if head is not None and sat_ids.numel():  # drafts one after another, d_1 conditioned on y0
-        chained = head.chain(head.hidden[:, 1:], tokens[:, 0], head.hidden[:, 0], [sat_ids.numel()] * batch, banned)
+        chained = head.chain(
+            head.hidden[:, 1:], tokens[:, 0], head.hidden[:, 0], [sat_ids.numel()] * batch, banned, top_candidates(logits[:, 1:])
+        )
         return tokens[:, 0], torch.tensor(chained, dtype=torch.long, device=last.device)
     return tokens[:, 0], tokens[:, 1:]
 

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from ..model.draft_head import get_head
+from ..model.draft_head import get_head, top_candidates
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
 from .row_tree import accept_rows, row_trees
@@ -107,7 +107,7 @@ def fused_pass(
     accepted = [len(p) - 1 for p in paths]
     head = get_head(model)
     if head is not None and any(r.block > a for r, a in zip(rows, accepted)):
-        nxt = _head_guesses(head, rows, accepted, bonus, banned)
+        nxt = _head_guesses(head, logits, rows, accepted, bonus, banned)
     else:
         guesses = z.tolist() if any(r.block for r in rows) else None
         nxt = []
@@ -117,13 +117,15 @@ def fused_pass(
     return [row[1:] for row in emitted], bonus, nxt, accepted
 
 
-def _head_guesses(head, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned) -> list[list[int]]:
+def _head_guesses(head, logits, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned) -> list[list[int]]:
     """The next SAT drafts through the draft head: for a row that accepted a drafts, block
     positions a.. guess one after another, the first conditioned on the bonus (the token
-    just before its target), all on the root's hidden state (the block's anchor)."""
+    just before its target), all on the root's hidden state (the block's anchor); each
+    guess among its block position's top tokens (:func:`top_candidates`)."""
     counts = [max(r.block - a, 0) for r, a in zip(rows, accepted)]
     starts = [1 + len(r.drafts) + a for r, a in zip(rows, accepted)]
     width = head.hidden.shape[1]
     index = torch.tensor([[min(s + j, width - 1) for j in range(max(counts))] for s in starts], device=bonus.device)
     hidden = head.hidden.gather(1, index[..., None].expand(-1, -1, head.hidden.shape[-1]))  # [B, n, H]
-    return head.chain(hidden, bonus, head.hidden[:, 0], counts, banned)  # anchor: the root
+    among = top_candidates(logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])))
+    return head.chain(hidden, bonus, head.hidden[:, 0], counts, banned, among)  # anchor: the root

@@ -8,7 +8,8 @@ Each row offers three kinds of candidate nodes:
 
 A candidate's value is the tokens it is expected to add (:mod:`sdsat.decode.acceptance`): a
 pending or lookup node its probability of being right; a block position half the value of
-the draft it makes, since that draft takes a slot now and another when verified. Every list
+the draft it makes, since that draft takes a slot now and another when verified, at the
+depth it will have after the pending drafts this pass accepts (:func:`_block_values`). Every list
 is non-increasing in value and parents come first, so a row's best n nodes are the first ones
 of each list. All rows of a pass are padded to one width q (query tokens per row), so once q
 is chosen every row fills it with its q - 1 best nodes. The scheduler picks the q with the
@@ -94,10 +95,45 @@ class Plan:
     expected_tokens: float = 0.0
     predicted_s: float = 0.0
     explore: bool = False
+    # tokens this pass itself is expected to emit, unscaled by realism: 1 per row plus its
+    # pending and lookup nodes' values (a block position's value comes in the next pass)
+    verifiable: float = 0.0
 
     @property
     def plain(self) -> bool:
         return self.width == 1
+
+
+def _falling(values: list[float]) -> list[float]:
+    """A chain's values capped by the ones before: a node is never worth more than its parent."""
+    out, low = [], float("inf")
+    for v in values:
+        low = min(low, v)
+        out.append(low)
+    return out
+
+
+def _block_values(pending: list[float], sat: list[float]) -> list[float]:
+    """What each draft block position is worth: half the value of the draft it makes (that
+    draft takes a slot now and another when verified). Block position j guesses the token j
+    past the root; when the pass accepts a of the row's pending drafts (a chain: P(a >= d) is
+    its d-th value), that guess becomes the next pass's draft at depth j - a, worth sat[j-a-1],
+    and positions j <= a guess tokens already accepted. The values are then pooled into a
+    non-increasing list with the same sum over every pooled run (a later position is worth
+    more than an earlier one when acceptance is likely, but needs the earlier ones run)."""
+    reach = [1.0] + pending + [0.0]  # P(a >= d), d = 0..c+1
+    p_exact = [reach[d] - reach[d + 1] for d in range(len(pending) + 1)]
+    values = []
+    for j in range(1, len(sat) + 1):
+        values.append(0.5 * sum(p * sat[j - a - 1] for a, p in enumerate(p_exact) if a < j))
+    runs: list[list[float]] = []  # [sum, count]: pool adjacent violators
+    for v in values:
+        runs.append([v, 1])
+        while len(runs) > 1 and runs[-1][0] / runs[-1][1] > runs[-2][0] / runs[-2][1]:
+            total, count = runs.pop()
+            runs[-1][0] += total
+            runs[-1][1] += count
+    return [total / count for total, count in runs for _ in range(count)]
 
 
 class _Fixed:
@@ -153,8 +189,11 @@ class Scheduler:
         self.widths: dict[int, int] = {}  # q -> passes
         # realised / expected extra tokens of drafting passes (EMA): per-node estimates can be
         # right on average and still miss what a batch's passes give (their errors add up),
-        # so every drafting value is scaled by what such passes were measured to give
+        # so every drafting value is scaled by what such passes were measured to give: the
+        # ratio of the two EMAs, capped at 1 (a ratio per pass, capped, is biased low: a pass
+        # that expects 0.6 tokens gets 0 or 1 or 2 of them)
         self.realism = 1.0
+        self._realised = self._expected = 1.0  # EMAs of drafting passes' extra tokens (a prior of 1 in 1)
         self.plan_share = 0.0  # EMA of planning seconds / pass seconds
         self.skip_left = 0  # plain passes to run without planning
         self.skip_run = 0  # the length of the latest run of skipped passes
@@ -169,11 +208,13 @@ class Scheduler:
         if not row.drafting:
             return []
         with_lookup, kind, acc = bool(row.lookup.tokens), row.sampled, self.acceptance
+        pending = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, len(row.pending) + 1)])
+        sat = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, row.block + 1)])
         items = []
         for source, vals in (
-            (PENDING, [acc.sat_p(d, with_lookup, kind) for d in range(1, len(row.pending) + 1)]),
+            (PENDING, pending),
             (LOOKUP, [acc.lookup_p(s, kind) for s in row.lookup.scores]),
-            (BLOCK, [0.5 * acc.sat_p(d, with_lookup, kind) for d in range(1, row.block + 1)]),
+            (BLOCK, _block_values(pending, sat)),
         ):
             low = float("inf")
             for v in vals:  # a node is never worth more than the ones it follows
@@ -275,13 +316,15 @@ class Scheduler:
 
     @staticmethod
     def _allocate(values, width: int, gain: float, seconds: float) -> Plan:
-        plans = []
+        plans, verifiable = [], 0.0
         for items in values:
             counts = [0, 0, 0]
-            for _, source in items[: width - 1]:
+            verifiable += 1.0
+            for v, source in items[: width - 1]:
                 counts[source] += 1
+                verifiable += v if source != BLOCK else 0.0
             plans.append(RowPlan(*counts))
-        return Plan(plans, width, gain, seconds)
+        return Plan(plans, width, gain, seconds, verifiable=verifiable)
 
     # ---- exploring -------------------------------------------------------------------------
 
@@ -356,11 +399,14 @@ class Scheduler:
         """Learn from a pass: its time, and per row the tokens it emitted (accepted drafts and the bonus)."""
         self.passes += 1
         self.total_s += seconds
-        expected_extra = (plan.expected_tokens - len(rows)) / self.realism  # before scaling
+        # only what this pass can emit: a draft block's guesses are judged when verified,
+        # through the SAT estimates (counting them here read every block as a broken promise)
+        expected_extra = plan.verifiable - len(rows)
         if not plan.plain and not plan.explore and expected_extra > 0:
             realised = sum(len(out) for out in emitted) - len(rows)
-            ratio = min(1.0, realised / expected_extra)  # only ever a discount
-            self.realism = max(0.05, self.realism + REALISM_EMA * (ratio - self.realism))
+            self._realised += REALISM_EMA * (realised - self._realised)
+            self._expected += REALISM_EMA * (expected_extra - self._expected)
+            self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
         # an exploring pass is the rare fresh look at its shape: it counts more
         self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
