@@ -17,7 +17,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# The default recipe, used when the job gets neither --config nor any field flag.
+# The default recipe: the values under every flag unless --config names another file
+# (or none: the field defaults).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_default.yaml"
 
 
@@ -140,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobs/finetune.py",
         description="Fine-tune a causal LM with SDSAT semantic adaptive tokens on Ray Train. "
-        "Values come from the defaults, then --config FILE (YAML), then flags.",
+        "Values come from the field defaults, then the recipe (--config FILE, YAML; without --config "
+        "configs/finetune_default.yaml), then flags: `--storage-path /data --max-steps 50` is the default "
+        "recipe with those two changed.",
     )
-    parser.add_argument("--config", help="YAML file with any of the fields below (with no --config and no field flag at all: configs/finetune_default.yaml, the default recipe).")
+    parser.add_argument("--config", help="YAML file with any of the fields below, the recipe the flags change (default: configs/finetune_default.yaml; none: only the field defaults listed below).")
     parser.add_argument("--dry-run", action="store_true", help="Check the config, model and data, print the plan and exit without training.")
     parser.add_argument("--eval", nargs="?", const=0, type=int, metavar="N", help="After the export, run the quality gate (jobs/evaluate.py) against the base model on the first N HumanEval problems (no N: all 164); a failing export exits with status 3 and its quality_gate.json says why.")
     for name, field in FinetuneConfig.model_fields.items():
@@ -176,10 +179,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneConfig, argparse.Namespace]:
-    """Flags -> config. With neither --config nor any field flag (``python jobs/finetune.py``),
-    the default recipe DEFAULT_CONFIG is used."""
+    """Flags -> config: the recipe (--config FILE; without it the default recipe
+    DEFAULT_CONFIG; ``--config none``: no file) with the field flags on top."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields and v is not None}
-    if args.config is None and not overrides and DEFAULT_CONFIG.is_file():
-        args.config = str(DEFAULT_CONFIG)
+    if args.config is None:
+        args.config = str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None
+    elif args.config.strip().lower() in ("none", "null", ""):
+        args.config = None
     return load_config(args.config, overrides), args

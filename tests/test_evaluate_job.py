@@ -106,7 +106,7 @@ def ray_cluster():
 @pytest.mark.slow
 def test_finetune_eval_gates_a_sat_adapter_export_with_no_change(ray_cluster, tmp_path):
     base = save_tiny_checkpoint(tmp_path / "base")
-    argv = ["--model", base, "--storage-path", str(tmp_path / "runs"), "--name", "gated", "--num-sat", "2",
+    argv = ["--config", "none", "--model", base, "--storage-path", str(tmp_path / "runs"), "--name", "gated", "--num-sat", "2",
             "--row-len", "32", "--max-texts", "4", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "0",
             "--eval-every", "0", "--precision", "fp32", "--train", "sat_adapter", "--adapter-rank", "2",
             "--lr", "1e-2", "--eval", "2"]

@@ -19,7 +19,7 @@ from tests.conftest import tiny_model
 from tests.test_finetune_config import save_tiny_checkpoint
 
 K = 4
-RUN = ["--num-sat", str(K), "--row-len", "32", "--max-texts", "6", "--num-workers", "2", "--batch-size", "2",
+RUN = ["--config", "none", "--num-sat", str(K), "--row-len", "32", "--max-texts", "6", "--num-workers", "2", "--batch-size", "2",
        "--max-steps", "6", "--checkpoint-every", "2", "--warmup-steps", "1", "--eval-every", "3", "--eval-rows", "3",
        "--precision", "fp32", "--seed", "3"]
 

@@ -178,8 +178,11 @@ def test_no_arguments_run_the_default_recipe():
     recipe, _ = parse_args([])
     assert recipe == load_config(DEFAULT_CONFIG)
     assert (recipe.train, recipe.model) == ("sat_adapter", "default-base")
-    flagged, _ = parse_args(["--max-steps", "30"])  # any field flag: field defaults, then flags
-    assert flagged.train == FinetuneConfig().train and flagged.max_steps == 30
+    # flags change the default recipe (a user redirecting the output keeps the recipe)
+    flagged, _ = parse_args(["--max-steps", "30", "--storage-path", "/data/runs"])
+    assert flagged == recipe.model_copy(update={"max_steps": 30, "storage_path": "/data/runs"})
+    bare, _ = parse_args(["--config", "none", "--max-steps", "30"])  # only the field defaults under the flags
+    assert bare == FinetuneConfig(max_steps=30)
 
 
 def test_distill_cache_is_read_instead_of_generating(tmp_path):
