@@ -202,8 +202,9 @@ class SatText:
         self.block, self.right = block, right
         self.chance, self.random = chance, random.Random(0)  # chance: that a block's guesses are right at all
 
-    def run(self, scheduler: Scheduler, cost, passes: int) -> int:
-        """Decode ``passes`` passes; returns the tokens emitted."""
+    def run(self, scheduler: Scheduler, cost, passes: int, block_s: float = 0.0) -> int:
+        """Decode ``passes`` passes (a pass that runs a draft block takes block_s more);
+        returns the tokens emitted."""
         total = 0
         for _ in range(passes):
             rows = [RowCandidates(list(p), Trie(), self.block) for p in self.pending]
@@ -218,7 +219,8 @@ class SatText:
                 good = min(self.right, left) if self.random.random() < self.chance else 0
                 self.pending[i] = TEXT[self.at[i] : self.at[i] + good] + [WRONG] * (left - good)
             total += sum(len(e) for e in emitted)
-            scheduler.observe(plan, rows, emitted, cost(len(rows), plan.width), list(range(len(rows))))
+            seconds = cost(len(rows), plan.width) + (block_s if any(rp.block for rp in plan.rows) else 0.0)
+            scheduler.observe(plan, rows, emitted, seconds, list(range(len(rows))))
         return total
 
 
@@ -245,6 +247,18 @@ def test_realism_is_not_biased_by_passes_that_accept_nothing():
     tokens = SatText(1, chance=0.6).run(scheduler, cost, 400)
     assert scheduler.realism > 0.85
     assert tokens > 1.6 * 400  # plain steps give 1 per pass
+
+
+def test_what_a_draft_block_costs_beyond_its_shape_is_learned():
+    """The SAT adapter and the draft head run only in passes with a draft block, so such a
+    pass costs more than the cost model's time for its width: that extra is measured, and
+    where it eats the gain the scheduler goes back to plain steps."""
+    cost = lambda rows, q: 1.0 + 0.02 * (q - 1)  # noqa: E731
+    cheap, dear = Scheduler(cost, explore_every=10**9), Scheduler(cost, explore_every=10**9)
+    SatText(1, right=1).run(cheap, cost, 100)
+    SatText(1, right=1).run(dear, cost, 100, block_s=1.0)  # a block doubles a pass
+    assert cheap.block_extra[1] == pytest.approx(0.0, abs=1e-9) and cheap.widths.get(1, 0) < 10
+    assert dear.block_extra[1] == pytest.approx(1.0) and dear.widths[1] > 90
 
 
 def test_sat_estimates_count_what_lookup_did_not_already_get():

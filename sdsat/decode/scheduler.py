@@ -57,6 +57,7 @@ REALISM_EMA = 0.05  # weight of a drafting pass in the realised/expected ratio
 PLAN_EMA = 0.1  # weight of a pass in the planning-time share
 SKIP_PER_SHARE = 0.005  # planning may be skipped one pass per this share of pass time it costs
 MAX_SKIP = 8
+BLOCK_EMA = 0.2  # weight of a pass in a block's extra time
 MAX_GAP = 16  # explore_every passes: the longest wait between looks at one choice
 
 
@@ -200,6 +201,11 @@ class Scheduler:
         self.skip_rows: tuple[int, ...] = ()  # the rows (seq ids) the skipping was decided for
         self.skipped = 0
         self._draft_ratio = 0.0  # the latest plan's best drafting rate / plain rate
+        # rows -> EMA seconds a pass with a draft block takes beyond the cost model's time for
+        # its shape: the SAT adapter's hooks and the draft head run only in such passes (on a
+        # 2-core CPU ~10 ms of a ~50 ms plain pass of the default model); the shape's own
+        # cost is learned from passes without a block
+        self.block_extra: dict[int, float] = {}
 
     # ---- choosing --------------------------------------------------------------------------
 
@@ -273,9 +279,18 @@ class Scheduler:
         for out, seq_id in zip(emitted, seq_ids):
             self._advance(seq_id, out)
 
+    def _extra(self, batch: int) -> float:
+        """Predicted extra seconds of a draft block in a pass over this many rows (measured at
+        the nearest batch size; 0 until a block pass is seen)."""
+        if not self.block_extra:
+            return 0.0
+        return self.block_extra[min(self.block_extra, key=lambda r: (abs(r - batch), r))]
+
     def _best_width(self, values: list[list[tuple[float, int]]], remaining=None) -> tuple[int, float, float]:
         """(q, expected tokens, predicted seconds) of the best width for these rows."""
         batch = len(values)
+        extra = self._extra(batch)
+        first_block = min((i + 2 for items in values for i, (_, src) in enumerate(items) if src == BLOCK), default=10**9)
         closed = batch > 1 and remaining is not None and all(r is not None for r in remaining)
         if closed:
             most = max(remaining)
@@ -300,7 +315,7 @@ class Scheduler:
             if closed:  # in tokens of the whole batch, as plain steps would give them
                 low = min(got[i] for i in critical)
                 worth = batch * (1.0 + self.realism * (low + weight * (sum(got) - len(critical) * low)))
-            seconds = self.cost.predict(batch, q)
+            seconds = self.cost.predict(batch, q) + (extra if q >= first_block else 0.0)
             rate = worth / seconds
             if q == 1:
                 plain_rate = rate
@@ -351,7 +366,7 @@ class Scheduler:
             width = others[self.explored % len(others)]
             plan = self._allocate(values, width, 0.0, 0.0)
             plans, again = plan.rows, False
-        seconds = self.cost.predict(batch, width)
+        seconds = self.cost.predict(batch, width) + (self._extra(batch) if any(p.block for p in plans) else 0.0)
         extra = max(0.0, seconds - best.predicted_s)
         if self.explore_s + extra * (2 if again else 1) > self.explore_fraction * self.total_s:
             return None  # (a draft block's drafts are verified in the next pass, which costs about as much)
@@ -389,7 +404,7 @@ class Scheduler:
             over = max(0, p.nodes - (width - 1))
             p.block -= min(over, p.block)
             p.pending = min(p.pending, width - 1)
-        seconds = self.cost.predict(len(rows), width)
+        seconds = self.cost.predict(len(rows), width) + (self._extra(len(rows)) if any(p.block for p in plans) else 0.0)
         self.explore_s += max(0.0, seconds - best.predicted_s)
         return Plan(plans, width, best.expected_tokens, seconds, explore=True)
 
@@ -407,8 +422,12 @@ class Scheduler:
             self._realised += REALISM_EMA * (realised - self._realised)
             self._expected += REALISM_EMA * (expected_extra - self._expected)
             self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
-        # an exploring pass is the rare fresh look at its shape: it counts more
-        self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
+        if any(p.block for p in plan.rows) and plan.width > 1:  # what the block cost beyond the shape
+            over = seconds - self.cost.predict(len(rows), plan.width)
+            old = self.block_extra.get(len(rows))
+            self.block_extra[len(rows)] = over if old is None else old + BLOCK_EMA * (over - old)
+        else:  # an exploring pass is the rare fresh look at its shape: it counts more
+            self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
             trie = row.lookup
             if rp.pending:
@@ -446,6 +465,7 @@ class Scheduler:
             "explored": self.explored,
             "explore_share": self.explore_s / self.total_s if self.total_s else 0.0,
             "realism": self.realism,
+            "block_extra_s": {r: round(v, 5) for r, v in sorted(self.block_extra.items())},
             "skipped": self.skipped,
             "plan_share": self.plan_share,
             "widths": dict(sorted(self.widths.items())),
