@@ -103,6 +103,7 @@ class Router:
             num_sat=info["num_sat"],
             max_tokens_limit=info["max_tokens_limit"],
             context_length=info["context_length"],
+            dtype=info.get("dtype"),
         )
         return ModelList(data=[card])
 

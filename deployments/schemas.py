@@ -301,6 +301,7 @@ class ModelCard(BaseModel):
     num_sat: int = Field(description="SATs the model has (the largest num_sat a request may ask for).")
     max_tokens_limit: int = Field(description="Largest max_tokens a request may ask for.")
     context_length: int | None = Field(description="Model context length in tokens.")
+    dtype: str | None = Field(None, description="The dtype the replicas run the model in (extension; float32 makes greedy output exact).")
 
 
 class ModelList(BaseModel):

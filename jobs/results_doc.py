@@ -148,8 +148,23 @@ def speed_table(results: list[tuple[Path, dict]], base: Path) -> list[str]:
     rows = speed_rows(results, base)
     if not rows:
         return ["No current speed results: run jobs/bench.py or jobs/evaluate.py."]
-    line = exactness(results)
-    return table(SPEED_HEADER, rows) + (["", line] if line else [])
+    lines = [line for line in (exactness(results), *serving(results, base)) if line]
+    return table(SPEED_HEADER, rows) + [x for line in lines for x in ("", line)]
+
+
+def serving(results: list[tuple[Path, dict]], base: Path) -> list[str]:
+    """One line per load test: SDSAT over plain throughput by concurrency, over HTTP."""
+    out = []
+    for path, d in results:
+        if kind(d) != "load":
+            continue
+        ratios = ", ".join(f"**{x:.2f}x** at {c}" for c, x in sorted(d["speedup"].items(), key=lambda kv: int(kv[0]))
+                           if x is not None)
+        server = f" against `{d['serve_command']}`" if d.get("serve_command") else ""
+        dtype = (d.get("server") or {}).get("dtype") or "dtype not recorded"
+        out.append(f"Over HTTP ({link(path, base)}{server}, {dtype}, {machine(d)}, {d['max_tokens']} tokens per request): "
+                   f"SDSAT / plain throughput by concurrency: {ratios}.")
+    return out
 
 
 def exactness(results: list[tuple[Path, dict]]) -> str:

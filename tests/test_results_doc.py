@@ -74,3 +74,22 @@ def test_a_result_without_its_command_is_refused(tmp_path):
 def test_readme_without_markers_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="markers"):
         render_readme("no markers here\n", [], tmp_path / "README.md")
+
+
+def test_load_tests_get_a_line_under_the_speed_table(tmp_path):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    (results_dir / "b.json").write_text(json.dumps(_bench(1.5, "b.json")))
+    level = {"requests": 2, "errors": 0, "output_tokens": 10, "wall_s": 1.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2,
+             "tpot_p50_s": 0.05, "tpot_p99_s": 0.06, "error_samples": []}
+    rows = [level | {"mode": m, "num_sat": k, "concurrency": c, "tokens_per_s": t, "mean_tau": tau}
+            for c, m, k, t, tau in ((1, "plain", 0, 10.0, 1.0), (1, "sdsat", 5, 21.0, 3.0), (4, "plain", 0, 30.0, 1.0),
+                                    (4, "sdsat", 5, 33.0, 2.0))]
+    load = {"command": "python jobs/load_test.py --concurrency 1,4 --json results/load.json",
+            "machine": _bench(1.0, "x")["machine"], "serve_command": "serve run deployments.sdsat:app",
+            "server": {"dtype": "bfloat16"}, "max_tokens": 8, "prompts": "mixed", "results": rows,
+            "speedup": {"1": 2.1, "4": 1.1}}
+    (results_dir / "load.json").write_text(json.dumps(load))
+    readme = render_readme(f"{BEGIN}\n{END}\n", load_results(results_dir), tmp_path / "README.md")
+    assert "Over HTTP ([load.json](results/load.json) against `serve run deployments.sdsat:app`, bfloat16," in readme
+    assert "**2.10x** at 1, **1.10x** at 4." in readme

@@ -122,7 +122,7 @@ def test_streaming_equals_non_streaming(served):
 def test_models_and_health(served):
     models = client(served["base"]).models.list()
     assert [m.id for m in models.data] == [TINY]
-    assert models.data[0].model_extra["num_sat"] == 4
+    assert models.data[0].model_extra["num_sat"] == 4 and models.data[0].model_extra["dtype"] == "float32"
     health = httpx.get(f"{served['base']}/health", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
