@@ -203,8 +203,10 @@ class Scheduler:
         self._draft_ratio = 0.0  # the latest plan's best drafting rate / plain rate
         # rows -> EMA seconds a pass with a draft block takes beyond the cost model's time for
         # its shape: the SAT adapter's hooks and the draft head run only in such passes (on a
-        # 2-core CPU ~10 ms of a ~50 ms plain pass of the default model); the shape's own
-        # cost is learned from passes without a block
+        # 2-core CPU ~10 ms of a ~50 ms plain pass of the default model). A block pass teaches
+        # the shape's cost its time less this extra. Never below 0: a block pass faster than
+        # its shape's prediction says the shape was mispredicted (an unmeasured width at a
+        # large batch is assumed dear), which that pass's observation corrects
         self.block_extra: dict[int, float] = {}
 
     # ---- choosing --------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class Scheduler:
         the nearest batch size; 0 until a block pass is seen)."""
         if not self.block_extra:
             return 0.0
-        return self.block_extra[min(self.block_extra, key=lambda r: (abs(r - batch), r))]
+        return max(0.0, self.block_extra[min(self.block_extra, key=lambda r: (abs(r - batch), r))])
 
     def _best_width(self, values: list[list[tuple[float, int]]], remaining=None) -> tuple[int, float, float]:
         """(q, expected tokens, predicted seconds) of the best width for these rows."""
@@ -422,12 +424,14 @@ class Scheduler:
             self._realised += REALISM_EMA * (realised - self._realised)
             self._expected += REALISM_EMA * (expected_extra - self._expected)
             self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
-        if any(p.block for p in plan.rows) and plan.width > 1:  # what the block cost beyond the shape
+        shape_s = seconds
+        if any(p.block for p in plan.rows):  # what the block cost beyond the shape
             over = seconds - self.cost.predict(len(rows), plan.width)
             old = self.block_extra.get(len(rows))
-            self.block_extra[len(rows)] = over if old is None else old + BLOCK_EMA * (over - old)
-        else:  # an exploring pass is the rare fresh look at its shape: it counts more
-            self.cost.observe(len(rows), plan.width, seconds, EXPLORE_WEIGHT if plan.explore else None)
+            self.block_extra[len(rows)] = max(0.0, over if old is None else old + BLOCK_EMA * (over - old))
+            shape_s = seconds - self.block_extra[len(rows)]
+        # an exploring pass is the rare fresh look at its shape: it counts more
+        self.cost.observe(len(rows), plan.width, shape_s, EXPLORE_WEIGHT if plan.explore else None)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
             trie = row.lookup
             if rp.pending:
