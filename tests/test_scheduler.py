@@ -130,8 +130,11 @@ def test_a_closed_batch_drafts_for_its_slowest_rows():
         row.remaining = left
     assert Scheduler(cost).plan(rows).plain
     rows[0].lookup, rows[3].lookup = Trie(), rows[0].lookup  # now the slowest row has them
-    assert not Scheduler(cost).plan(rows).plain
-
+    wide = Scheduler(cost).plan(rows)
+    assert not wide.plain
+    rows[0].remaining = 59  # a row without drafts right behind it: the end moves at most 1 token
+    narrow = Scheduler(cost).plan(rows)
+    assert 1 < narrow.width < wide.width
 
 def test_a_look_that_loses_waits_twice_as_long_for_the_next():
     """Plain is best and stays best: looks at width 2 (the only neighbour of plain here) come

@@ -22,8 +22,10 @@ candidate; drafting must beat it by ``margin``. A row's ``block`` is capped by i
 num_sat; a row that takes no drafts contributes one token at any q.
 
 Closed batches: in ``generate`` (and so the bench) no row joins, and the batch takes as many
-passes as its slowest row needs. A drafting pass then gains what it moves the slowest rows
-(those with the most tokens left: the least any of them is expected to accept) and, for the
+passes as its slowest row needs. A drafting pass then gains what it moves the batch's end:
+the most tokens any row has left, before the pass and (expected) after it. Moving the slowest
+row 3 tokens on moves the end by only 1 when a row without drafts is 1 token behind it
+(counting 3 there drafted whole 16-row passes at 3x a plain pass for one row); and, for the
 others, only what finishing early saves: each token they gain is worth the cost of one row in
 a pass, ``(cost(rows, 1) - cost(rows - 1, 1)) / cost(rows, 1)`` of a plain pass. At batch 16
 on a CPU a row is a few percent of a pass, so drafting must move the slowest rows; a serving
@@ -315,8 +317,9 @@ class Scheduler:
             gain = sum(1.0 + self.realism * v for v in got)
             worth = gain
             if closed:  # in tokens of the whole batch, as plain steps would give them
-                low = min(got[i] for i in critical)
-                worth = batch * (1.0 + self.realism * (low + weight * (sum(got) - len(critical) * low)))
+                # how far the batch's end moves: the most tokens left, before and after
+                low = most - max(r - g for r, g in zip(remaining, got))
+                worth = batch * (1.0 + self.realism * (low + weight * max(0.0, sum(got) - len(critical) * low)))
             seconds = self.cost.predict(batch, q) + (extra if q >= first_block else 0.0)
             rate = worth / seconds
             if q == 1:
