@@ -102,3 +102,18 @@ def test_tied_embeddings_are_saved_once_and_restored(tmp_path):
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_an_export_writes_tied_embeddings_once(tmp_path):
+    """The export's weights of a tied model (the default model's): the state dict gives the two
+    names as distinct tensor objects over one storage, which safetensors refuses together."""
+    from safetensors.torch import load_file
+
+    from sdsat.training.export import _named_tensors, _write_weights
+
+    model = _tied(0)
+    named = _named_tensors(model, None, {"train": "full"}, rank=0)
+    _write_weights(named, tmp_path, torch.float32, rank=0)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert len(saved) == len(named) == len(list(model.parameters()))  # parameters() lists a tied one once
+    assert torch.equal(saved["embed_tokens.weight"], model.model.embed_tokens.weight)

@@ -136,7 +136,7 @@ def _tensors(model_sd: dict, optim_sd: dict) -> dict:
     flat, seen = {}, set()
     for name, tensor in model_sd.items():
         if isinstance(tensor, torch.Tensor) and not _is_sharded(tensor):
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+            key = storage_key(tensor)
             if key in seen:
                 continue
             seen.add(key)
@@ -147,6 +147,12 @@ def _tensors(model_sd: dict, optim_sd: dict) -> dict:
                 raise ValueError(f"optimizer state {param}.{slot} is not a tensor: it cannot be checkpointed")
             flat[f"optim.{param}.{slot}"] = value
     return flat
+
+
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """Equal for two tensor objects that are views of the same memory (a state dict gives tied
+    weights as distinct objects over one storage)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:

@@ -32,6 +32,7 @@ from ..model.draft_head import ATTR as HEAD_ATTR
 from ..model.draft_head import WEIGHTS_FILE as HEAD_FILE
 from ..model.draft_head import get_head
 from ..model.load import LoadedModel, parse_dtype
+from .checkpoint import storage_key
 from .progress import Progress
 from .storage import is_uri, upload
 
@@ -117,9 +118,10 @@ def _named_tensors(module, loaded: LoadedModel, cfg: dict, rank: int) -> list[tu
     else:
         state = get_model_state_dict(module)
     seen, named = set(), []
-    for name, tensor in state.items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
+    for name, tensor in state.items():  # tied weights are distinct objects over one storage
+        key = id(tensor) if isinstance(tensor, DTensor) else storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
             named.append((name.removeprefix("model."), tensor))
     return named
 
