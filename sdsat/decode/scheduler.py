@@ -226,10 +226,7 @@ class Scheduler:
             (LOOKUP, [acc.lookup_p(s, kind) for s in row.lookup.scores]),
             (BLOCK, _block_values(pending, sat)),
         ):
-            low = float("inf")
-            for v in vals:  # a node is never worth more than the ones it follows
-                low = min(low, v)
-                items.append((low, source))
+            items += [(v, source) for v in _falling(vals)]
         items.sort(key=lambda item: -item[0])
         return items
 
@@ -288,12 +285,15 @@ class Scheduler:
         the nearest batch size; 0 until a block pass is seen)."""
         if not self.block_extra:
             return 0.0
-        return max(0.0, self.block_extra[min(self.block_extra, key=lambda r: (abs(r - batch), r))])
+        return self.block_extra[min(self.block_extra, key=lambda r: (abs(r - batch), r))]
+
+    def _predict(self, batch: int, width: int, block: bool) -> float:
+        """Predicted seconds of a pass of this shape, with a draft block in it or not."""
+        return self.cost.predict(batch, width) + (self._extra(batch) if block else 0.0)
 
     def _best_width(self, values: list[list[tuple[float, int]]], remaining=None) -> tuple[int, float, float]:
         """(q, expected tokens, predicted seconds) of the best width for these rows."""
         batch = len(values)
-        extra = self._extra(batch)
         first_block = min((i + 2 for items in values for i, (_, src) in enumerate(items) if src == BLOCK), default=10**9)
         closed = batch > 1 and remaining is not None and all(r is not None for r in remaining)
         if closed:
@@ -320,7 +320,7 @@ class Scheduler:
                 # how far the batch's end moves: the most tokens left, before and after
                 low = most - max(r - g for r, g in zip(remaining, got))
                 worth = batch * (1.0 + self.realism * (low + weight * max(0.0, sum(got) - len(critical) * low)))
-            seconds = self.cost.predict(batch, q) + (extra if q >= first_block else 0.0)
+            seconds = self._predict(batch, q, q >= first_block)
             rate = worth / seconds
             if q == 1:
                 plain_rate = rate
@@ -371,7 +371,7 @@ class Scheduler:
             width = others[self.explored % len(others)]
             plan = self._allocate(values, width, 0.0, 0.0)
             plans, again = plan.rows, False
-        seconds = self.cost.predict(batch, width) + (self._extra(batch) if any(p.block for p in plans) else 0.0)
+        seconds = self._predict(batch, width, any(p.block for p in plans))
         extra = max(0.0, seconds - best.predicted_s)
         if self.explore_s + extra * (2 if again else 1) > self.explore_fraction * self.total_s:
             return None  # (a draft block's drafts are verified in the next pass, which costs about as much)
@@ -409,7 +409,7 @@ class Scheduler:
             over = max(0, p.nodes - (width - 1))
             p.block -= min(over, p.block)
             p.pending = min(p.pending, width - 1)
-        seconds = self.cost.predict(len(rows), width) + (self._extra(len(rows)) if any(p.block for p in plans) else 0.0)
+        seconds = self._predict(len(rows), width, any(p.block for p in plans))
         self.explore_s += max(0.0, seconds - best.predicted_s)
         return Plan(plans, width, best.expected_tokens, seconds, explore=True)
 
