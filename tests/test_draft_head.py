@@ -14,7 +14,8 @@ from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.kv_cache import SlotCache
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.adapter import AdapterConfig, attach_adapter
-from sdsat.model.draft_head import HEAD_CANDIDATES, WEIGHTS_FILE, HeadConfig, attach_head, get_head, remove_head, top_candidates
+from sdsat.model import draft_head
+from sdsat.model.draft_head import WEIGHTS_FILE, HeadConfig, attach_head, get_head, remove_head, top_candidates
 from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
 from sdsat.model.sat import SATConfig
 from sdsat.training.distill import read_prompts
@@ -58,10 +59,11 @@ def test_a_fresh_head_guesses_exactly_what_the_sats_guess():
     assert torch.equal(y0, y0_head) and torch.equal(plain, chained)
 
 
-def test_guesses_are_chained_on_the_token_before_each():
+def test_guesses_are_chained_on_the_token_before_each(monkeypatch):
     """d_1 is read from SAT 1 given y0 (the pass's exact next token), d_i from SAT i given d_(i-1);
     each also given the hidden state at ``last``, the block's anchor, and chosen among SAT i's
-    own top HEAD_CANDIDATES tokens."""
+    own top HEAD_CANDIDATES tokens (here 16 of the tiny model's 256, so the restriction bites)."""
+    monkeypatch.setattr(draft_head, "HEAD_CANDIDATES", 16)
     loaded, head = _headed()
     y0, chained = _draft(loaded)
     banned = torch.tensor(loaded.sat.unique_ids)
@@ -75,7 +77,7 @@ def test_guesses_are_chained_on_the_token_before_each():
         for i in range(K):
             logits = head.logits(hidden[:, 1 + i], prev, hidden[:, 0]).index_fill(-1, banned, float("-inf"))
             allowed = torch.zeros_like(logits, dtype=torch.bool)
-            allowed.scatter_(1, sat_logits[:, 1 + i].topk(HEAD_CANDIDATES, dim=-1).indices, True)
+            allowed.scatter_(1, sat_logits[:, 1 + i].topk(16, dim=-1).indices, True)
             prev = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
             expected.append(prev)
     assert torch.equal(chained, torch.stack(expected, dim=1))

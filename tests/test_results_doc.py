@@ -93,3 +93,17 @@ def test_load_tests_get_a_line_under_the_speed_table(tmp_path):
     readme = render_readme(f"{BEGIN}\n{END}\n", load_results(results_dir), tmp_path / "README.md")
     assert "Over HTTP ([load.json](results/load.json) against `serve run deployments.sdsat:app`, bfloat16," in readme
     assert "**2.10x** at 1, **1.10x** at 4." in readme
+
+
+def test_head_levers_get_one_row_each(tmp_path):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    lever = {"full": [0.7, 0.6], "top64": [0.65, 0.55], "top256": [0.68, 0.58], "sat": [0.5, 0.4], "seconds": 9}
+    (results_dir / "levers.json").write_text(json.dumps({
+        "command": "python jobs/head_levers.py --distilled rows.json --json results/levers.json",
+        "machine": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "cores": 2, "torch_threads": 2, "gpu": None},
+        "levers": {"base": lever | {"settings": {}}, "kl": lever | {"settings": {"kl": 1.0}, "full": [0.71, 0.62]}},
+        "samples": 1000, "train_rows": 10, "val_rows": 2, "model": "default", "k": 2, "distilled": "rows.json"}))
+    doc = render_doc(load_results(results_dir), tmp_path / "docs" / "results.md")
+    assert "| base | (base) | 0.70 0.60 | 0.65 0.55 | 0.68 0.58 |" in doc
+    assert "| kl | kl=1.0 | 0.71 0.62 |" in doc and "The SATs alone: 0.50 0.40." in doc

@@ -154,15 +154,16 @@ class DraftHead(torch.nn.Module):
                 p.copy_(tensors[name].to(p.dtype))
 
 
-HEAD_CANDIDATES = 64  # tokens a decoding guess chooses among: the SAT's own top 64
+HEAD_CANDIDATES = 256  # tokens a decoding guess chooses among: the SAT's own top 256 (jobs/head_levers.py)
 
 
-def top_candidates(logits: torch.Tensor, m: int = HEAD_CANDIDATES) -> torch.Tensor | None:
+def top_candidates(logits: torch.Tensor, m: int | None = None) -> torch.Tensor | None:
     """[..., V] SAT logits -> [..., m] their top-m token ids: the head re-ranks these instead of
     the whole vocabulary, so a guess costs an m-row product, not the LM head's V rows (at
     V = 49k, five guesses cost about 0.6 of a plain pass on a CPU). A draft is only a
     guess, verified before it counts, so this changes speed and acceptance, never output.
-    None (the whole vocabulary) when m is 0 or not below V."""
+    m: HEAD_CANDIDATES when None. None (the whole vocabulary) when m is 0 or not below V."""
+    m = HEAD_CANDIDATES if m is None else m
     if m <= 0 or m >= logits.shape[-1]:
         return None
     return logits.topk(m, dim=-1).indices
