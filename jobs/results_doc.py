@@ -275,11 +275,10 @@ def levers_section(results, base) -> list[str]:
            "base model's argmax, over the whole vocabulary and among the SAT's own top M tokens as decoding chooses. "
            "Offset 1 is the first draft's acceptance on these rows; later offsets condition on the true previous token.", ""]
     for p, d in runs:
-        rows = [[name, ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(base)",
-                 " ".join(f"{x:.2f}" for x in r["full"]),
-                 *(" ".join(f"{x:.2f}" for x in r[key]) for key in sorted((k for k in r if k.startswith("top")), key=lambda k: int(k[3:])))]
-                for name, r in d["levers"].items()]
         tops = sorted((k for k in next(iter(d["levers"].values())) if k.startswith("top")), key=lambda k: int(k[3:]))
+        rows = [[name, ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(base)",
+                 " ".join(f"{x:.2f}" for x in r["full"]), *(" ".join(f"{x:.2f}" for x in r[key]) for key in tops)]
+                for name, r in d["levers"].items()]
         sat = " ".join(f"{x:.2f}" for x in next(iter(d["levers"].values()))["sat"])
         out += [f"{link(p, base)}: {d['train_rows']} training rows ({d['samples']} SAT positions), {d['val_rows']} held-out "
                 f"rows of {d['distilled']}, model `{d['model']}`, k = {d['k']}, {machine(d)}. The SATs alone: {sat}.", ""]
