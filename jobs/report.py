@@ -8,6 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
+from sdsat.hardware import isa_cap, native_bf16_cpu
+
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "asimd", "sve")
 
 
@@ -20,8 +22,9 @@ def write_json(path: str | Path, result: dict) -> None:
 
 def machine_info() -> dict:
     """What decides pass costs here: CPU model and the flags that matter (native bf16 or not),
-    cores, torch threads and the GPU if one is used (where torch is imported: an HTTP client
-    that does not load it reports neither)."""
+    a kernel cap (``ONEDNN_MAX_CPU_ISA``, sdsat/hardware.py) and whether bf16 is native under
+    it, cores, torch threads and the GPU if one is used (where torch is imported: an HTTP
+    client that does not load it reports neither)."""
     torch = sys.modules.get("torch")
     info = {
         "arch": platform.machine(),
@@ -45,6 +48,9 @@ def machine_info() -> dict:
             have = set(value.split())
             info["cpu_flags"] = [f for f in CPU_FLAGS if f in have]
     info.pop("model name", None)
+    if isa_cap():
+        info["isa_cap"] = isa_cap()
+    info["native_bf16"] = native_bf16_cpu(set(info["cpu_flags"]))
     info["cores"] = text.count("\nprocessor") + text.startswith("processor")
     return info
 

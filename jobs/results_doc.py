@@ -92,7 +92,11 @@ def machine(d: dict) -> str:
     cores, torch threads, GPU) in current results; older ones had a ``host`` line instead."""
     m = d.get("machine")
     if isinstance(m, dict):
-        bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & set(m.get("cpu_flags", [])) else "no native bf16"
+        flags = set(m.get("cpu_flags", []))
+        native = m.get("native_bf16", bool({"avx512_bf16", "amx_bf16"} & flags))
+        bf16 = "native bf16" if native else "no native bf16"
+        if m.get("isa_cap"):
+            bf16 += f" (kernels capped at {m['isa_cap']})"
         text = f"{m['gpu']}" if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores, {bf16}"
         threads = m.get("torch_threads")
     else:

@@ -75,7 +75,9 @@ def test_the_planned_total_is_saved_with_the_scheduler():
         ("float32", set(), "cpu", False),
     ],
 )
-def test_precision_is_bf16_only_where_it_runs_natively_unless_overridden(requested, flags, device, expected):
+def test_precision_is_bf16_only_where_it_runs_natively_unless_overridden(requested, flags, device, expected, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # no kernel cap (tests/test_hardware.py has those)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     bf16, why = choose_bf16(requested, torch.device(device), flags)
     assert bf16 == expected
     if requested == "auto" and not expected:

@@ -4,38 +4,29 @@ natively, fp32 where bf16 would be emulated.
 On a CPU without AVX512-BF16 or AMX-BF16 (an AVX2-only one), bf16 matmuls are emulated: the
 no-argument fine-tune there ran 121-149 s per step in bf16 and its bf16 self-distillation
 took 22.7 minutes, while fp32 passes over several tokens cost a fraction of bf16 ones
-(ENVIRONMENT.md). ``auto`` picks bf16 on such hardware only; an explicit value always wins.
+(measured on this project's machines). ``auto`` picks bf16 where it is native only (a kernel
+cap, sdsat/hardware.py, counts); an explicit value always wins.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
+from ..hardware import NATIVE_BF16_FLAGS, cpu_flags, isa_cap, native_bf16_cpu
+
+__all__ = ["choose_bf16", "cpu_flags", "native_bf16", "resolve_precision"]
+
 log = logging.getLogger(__name__)
-
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo does not exist)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> bool:
+    """bf16 runs natively on this device (on a CPU: :func:`sdsat.hardware.native_bf16_cpu`,
+    which also honours an ``ONEDNN_MAX_CPU_ISA`` cap)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    flags = cpu_flags() if flags is None else flags
-    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return native_bf16_cpu(flags)
 
 
 def choose_bf16(requested: str, device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:
@@ -48,7 +39,12 @@ def choose_bf16(requested: str, device: torch.device, flags: set[str] | None = N
         raise ValueError(f"unknown precision {requested!r}; choose auto, bf16 or fp32")
     if native_bf16(device, flags):
         return True, f"auto: bf16 ({device.type} runs bf16 natively)"
-    what = "this GPU has no bf16" if device.type == "cuda" else f"this CPU has none of {', '.join(NATIVE_BF16_FLAGS)}: bf16 would be emulated"
+    if device.type == "cuda":
+        what = "this GPU has no bf16"
+    elif isa_cap() and any(flag in (cpu_flags() if flags is None else flags) for flag in NATIVE_BF16_FLAGS):
+        what = f"the kernel cap ONEDNN_MAX_CPU_ISA={isa_cap()} leaves this CPU no native bf16: bf16 would be emulated"
+    else:
+        what = f"this CPU has none of {', '.join(NATIVE_BF16_FLAGS)}: bf16 would be emulated"
     return False, f"auto: fp32 ({what})"
 
 
