@@ -63,6 +63,9 @@ class AppArgs(BaseModel):
     calibration_budget_s: float = Field(
         8.0, ge=0, description="Seconds of start-up pass-cost measurement, interleaved with serving (0: never draft)."
     )
+    kernel_choice: bool = Field(
+        True, description="CPU bf16: measure oneDNN against ATen matmuls per pass width at start-up (~5 s, before serving) and use the faster."
+    )
     compile: bool = Field(
         False, description="torch.compile the decode step (sdsat/decode/compiled.py): for GPU replicas; the first requests wait for compiling."
     )
@@ -108,6 +111,7 @@ def build_app(args: AppArgs | dict | None = None):
         max_queue=max(args.max_ongoing_requests, args.max_batch_size),
         lookup=args.lookup,
         calibration_budget_s=args.calibration_budget_s,
+        kernel_choice=args.kernel_choice,
         gpus=gpus,
         kv_cache_gb=args.kv_cache_gb,
         compile=args.compile,

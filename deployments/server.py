@@ -46,6 +46,7 @@ class ServerSettings:
     max_queue: int = 256
     lookup: int = 16
     calibration_budget_s: float = 8.0
+    kernel_choice: bool = True  # CPU bf16: the faster of oneDNN and ATen per pass width (sdsat/decode/kernels.py)
     gpus: float = 0  # GPUs reserved per replica: > 0 loads the model on CUDA, 0 on the CPU
     kv_cache_gb: float | None = None  # KV-cache budget for admission (None: 90% of free GPU memory; CPU: none)
     compile: bool = False  # torch.compile the decode step (sdsat/decode/compiled.py)
@@ -132,6 +133,7 @@ class SDSATServer:
             num_sat=self.num_sat,
             lookup=settings.lookup,
             calibration_budget_s=settings.calibration_budget_s,
+            kernel_choice=settings.kernel_choice,
             max_new_tokens_limit=settings.max_tokens_limit,
             max_queue=settings.max_queue,
             kv_budget_bytes=int(settings.kv_cache_gb * 2**30) if settings.kv_cache_gb else None,

@@ -12,6 +12,8 @@ and a draft block of up to ``--num-sat`` SATs, or a plain step where drafting do
 ``--lookup 0``: SAT drafts only; ``--num-sat 0 --lookup N``: prompt lookup only;
 ``--two-step``: the paper's draft-pass-then-verify-pass iteration at a fixed k, which
 ``--tree`` and ``--oracle-drafts`` use.
+On a CPU in bf16 both runs use the faster matmul kernel per pass width (``--kernels auto``,
+sdsat/decode/kernels.py), so the baseline is the fastest plain decoding, not a slow kernel.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
@@ -35,6 +37,7 @@ import torch
 from jobs.prompts import load_prompts
 from jobs.report import machine_info, sat_info, write_json
 from sdsat.decode.calibrate import measured_scheduler
+from sdsat.decode.kernels import KernelChoice, choose_kernels
 from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, oracle_drafts
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.load import load_model
@@ -65,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the paper's iteration (a draft pass, then a verify pass) instead of the fused one-pass iteration",
     )
     p.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP, help="prompt-lookup trie nodes a row may offer per pass (0: none)")
+    p.add_argument(
+        "--kernels", choices=("auto", "default"), default="auto",
+        help="CPU matmul kernels: auto measures oneDNN against ATen per pass width and uses the faster for plain and "
+             "SDSAT passes alike (sdsat/decode/kernels.py); default: torch's (oneDNN throughout)",
+    )
     p.add_argument("--calibration-budget", type=float, default=8.0, help="seconds of start-up pass-cost measurement")
     p.add_argument("--oracle-drafts", action="store_true", help="draft the true continuation: the decoder's ceiling")
     p.add_argument("--add-sat", type=int, default=0, help="add this many untrained SATs to a model that has none")
@@ -197,6 +205,7 @@ def main(argv=None) -> dict:
              args.batch_size, len(prompts), args.max_new_tokens,
              f"temperature {args.temperature}, top-p {args.top_p}" if args.temperature else "greedy")
 
+    kernels = choose_kernels(loaded) if args.kernels == "auto" else KernelChoice(reason="--kernels default")
     # The pass-cost curve, measured as a replica measures it; one scheduler for the whole run
     # (it learns acceptance across prompts), fed by timed passes only.
     t0 = time.perf_counter()
@@ -271,6 +280,7 @@ def main(argv=None) -> dict:
         "top_p": args.top_p if args.temperature else None,
         "seed": args.seed if args.temperature else None,
         "lookup": args.lookup,
+        "kernels": kernels.to_dict(),
         "pass_cost": scheduler.cost.ratios(),
         "pass_cost_1_token_s": scheduler.cost.curve[1],
         "calibration_s": calibration_s,

@@ -4,7 +4,8 @@
         --prompt-lookup 5 --threads 2 --json results/peer_prompt_lookup_bf16.json
 
 Same prompts, model and token budget as ``jobs/bench.py``; plain and prompt lookup
-alternate prompt by prompt so machine noise hits both alike. Prints and writes tokens/s,
+alternate prompt by prompt so machine noise hits both alike, on the same CPU matmul kernels
+as jobs/bench.py (``--kernels``). Prints and writes tokens/s,
 the speedup and how many outputs equal plain greedy.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from jobs.prompts import load_prompts
 from jobs.report import machine_info, write_json
+from sdsat.decode.kernels import KernelChoice, choose_kernels
 from sdsat.model.load import load_model
 
 log = logging.getLogger("bench_peer")
@@ -31,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-lookup", type=int, default=5, help="prompt_lookup_num_tokens")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--kernels", choices=("auto", "default"), default="auto",
+                   help="CPU matmul kernels per pass width, as jobs/bench.py (auto: the faster of oneDNN and ATen)")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.prompt_lookup < 1:
@@ -52,6 +56,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
+    kernels = choose_kernels(loaded) if args.kernels == "auto" else KernelChoice(reason="--kernels default")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     prompts = [torch.tensor([tokenizer.encode(t)]) for t in load_prompts(args.prompts)]
     for lookup in (None, args.prompt_lookup):  # warm-up
@@ -75,6 +80,7 @@ def main(argv=None) -> dict:
         "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "prompt_lookup_num_tokens": args.prompt_lookup,
+        "kernels": kernels.to_dict(),
         "plain_tokens_per_s": plain_tokens / plain_s,
         "prompt_lookup_tokens_per_s": peer_tokens / peer_s,
         "speedup": (peer_tokens / peer_s) / (plain_tokens / plain_s),

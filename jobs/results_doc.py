@@ -61,7 +61,7 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def decoder(d: dict) -> str:
+def decoder(d: dict, with_kernels: bool = True) -> str:
     name = d.get("decoder", "")
     if name == "two-step":
         return "two-step" + (" (oracle drafts)" if d.get("oracle_drafts") else "")
@@ -69,7 +69,17 @@ def decoder(d: dict) -> str:
         return ", ".join(["fused"] + ([f"lookup {d['lookup']}"] if d.get("lookup") else [])
                          + (["SAT gate"] if d.get("sat_gate") else []))
     sampled = f", T={d['temperature']:g}" + (f" top-p {d['top_p']:g}" if (d.get("top_p") or 1) < 1 else "") if d.get("temperature") else ""
-    return name + (f", lookup {d['lookup']}" if d.get("lookup") else "") + sampled
+    return name + (f", lookup {d['lookup']}" if d.get("lookup") else "") + sampled + (kernels(d) if with_kernels else "")
+
+
+def kernels(d: dict) -> str:
+    """The CPU matmul kernels of a run (sdsat/decode/kernels.py); "" for runs from before the
+    choice existed, which used torch's default (oneDNN throughout)."""
+    choice = d.get("kernels")
+    if not choice:
+        return ""
+    limit = choice.get("aten_max_tokens", 0)
+    return f", ATen <= {limit} tokens" if limit else ", oneDNN"
 
 
 def pass_cost(d: dict) -> str:
@@ -130,7 +140,7 @@ def speed_rows(results: list[tuple[Path, dict]], base: Path) -> list[list]:
     rows, benches = [], {}
     for path, d in results:
         if kind(d) == "bench":
-            benches.setdefault(grouped(d), []).append((path, d))
+            benches.setdefault((grouped(d), machine(d), kernels(d)), []).append((path, d))
         elif kind(d) == "evaluate" and "speed" in d:
             for r in d["speed"]["across_batch"]:
                 rows.append([machine(d), pass_cost(d), model_name(d["model"]), d["dtype"], r["batch"], r["k"], "default",
@@ -153,7 +163,15 @@ def speed_table(results: list[tuple[Path, dict]], base: Path) -> list[str]:
     if not rows:
         return ["No current speed results: run jobs/bench.py or jobs/evaluate.py."]
     lines = [line for line in (exactness(results), *serving(results, base)) if line]
+    if any(kind(d) == "bench" and not d.get("kernels") for _, d in results):
+        lines.insert(0, KERNEL_NOTE)
     return table(SPEED_HEADER, rows) + [x for line in lines for x in ("", line)]
+
+
+KERNEL_NOTE = ("CPU kernels: rows whose decoder names none ran on torch's default (oneDNN throughout). On the native-bf16 "
+               "CPU here its 1-token bf16 pass is up to 2x slower than ATen's, so those rows' plain baseline is slow and "
+               "their speed-up high; rows with \"ATen <= n tokens\" or \"oneDNN\" used the faster kernel per pass width, "
+               "measured at start-up (`sdsat/decode/kernels.py`).")
 
 
 def serving(results: list[tuple[Path, dict]], base: Path) -> list[str]:
@@ -205,10 +223,11 @@ def bench_section(results, base) -> list[str]:
     for command, runs in commands.items():
         first = runs[0][1]
         out += [f"`{command}`", "", f"Model `{first['model']}`, {first['prompts']}, {first['max_new_tokens']} new tokens, "
-                f"decoder: {decoder(first)}.", ""]
-        out += table(["file", "machine", "plain tok/s", "SDSAT tok/s", "speedup", "tau", "tokens/pass",
+                f"decoder: {decoder(first, with_kernels=False)}.", ""]
+        out += table(["file", "machine", "kernels", "plain tok/s", "SDSAT tok/s", "speedup", "tau", "tokens/pass",
                       "accepted per offset", "exactness"],
-                     [[link(p, base), machine(d), f"{d['plain_tokens_per_s']:.1f}", f"{d['sdsat_tokens_per_s']:.1f}",
+                     [[link(p, base), machine(d), kernels(d).removeprefix(", ") or "torch default",
+                       f"{d['plain_tokens_per_s']:.1f}", f"{d['sdsat_tokens_per_s']:.1f}",
                        f"**{d['speedup']:.2f}x**", f"{d['tau']:.2f}", f"{d['tokens_per_forward']:.2f}",
                        " ".join(f"{r:.2f}" for r in d["accept_rate_per_offset"]), divergences(d)] for p, d in runs])
         out.append("")
@@ -222,8 +241,9 @@ def peer_section(results, base) -> list[str]:
     out = ["## The peer: transformers' own prompt lookup (`jobs/bench_peer.py`)", ""]
     for path, d in runs:
         out += [f"`{grouped(d)}`", ""]
-        out += table(["file", "machine", "model", "dtype", "plain tok/s", "prompt lookup tok/s", "speedup"],
-                     [[link(path, base), machine(d), d["model"], d["dtype"], f"{d['plain_tokens_per_s']:.1f}",
+        out += table(["file", "machine", "model", "dtype", "kernels", "plain tok/s", "prompt lookup tok/s", "speedup"],
+                     [[link(path, base), machine(d), d["model"], d["dtype"], kernels(d).removeprefix(", ") or "torch default",
+                       f"{d['plain_tokens_per_s']:.1f}",
                        f"{d['prompt_lookup_tokens_per_s']:.1f}", f"**{d['speedup']:.2f}x**"]])
         out.append("")
     return out

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 from .loop import ActiveRequest, DecodeLoop, Inbox
 from .types import MAX_LOGPROBS, Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
 from ..decode.generate import make_sequences
+from ..decode.kernels import KernelChoice, choose_kernels
 from ..decode.scheduler import Scheduler
 from ..model.load import LoadedModel
 from ..decode.target import SamplingParams
@@ -47,6 +48,8 @@ class Engine:
         self.context = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self.sat_ids = set(loaded.sat.sat_ids) if loaded.sat else set()
+        # Before the engine thread starts: every pass, plain or drafting, then runs on the faster CPU kernel.
+        self.kernels = choose_kernels(loaded) if self.config.kernel_choice else KernelChoice(reason="kernel_choice off")
         self._inbox = Inbox(self.config.max_queue)
         self._loop = DecodeLoop(loaded, self.config, self.num_sat, self._inbox, on_step, scheduler)
         self._thread = threading.Thread(target=self._loop.run, name="sdsat-engine", daemon=True)
@@ -155,6 +158,7 @@ class Engine:
             "num_sat": self.num_sat,
             "lookup": self.config.lookup,
             "calibration_s": loop.calibration_s,
+            "kernels": {"aten_max_tokens": self.kernels.aten_max_tokens, "reason": self.kernels.reason},
             "scheduler": loop.scheduler.snapshot() if loop.scheduler is not None else None,
             "pass_cost": loop.scheduler.cost.ratios() if loop.scheduler is not None else None,
             "totals": totals,

@@ -1,0 +1,97 @@
+"""CPU kernel choice per pass width (sdsat/decode/kernels.py): from injected timings, no clock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.decode.scheduler import Scheduler
+from sdsat.decode.kernels import applies, choose_kernels, crossover, remove_kernel_choice
+from sdsat.engine.engine import Engine, EngineConfig
+from tests.conftest import TinyTokenizer, tiny_loaded, tiny_model
+from sdsat.model.load import LoadedModel
+
+
+def times(aten: dict, onednn: dict) -> dict:
+    return {n: {"aten": aten[n], "onednn": onednn[n]} for n in aten}
+
+
+def test_crossover_switches_where_aten_stops_being_faster():
+    # the shape measured on a native-bf16 CPU: ATen wins narrow passes, oneDNN wide ones
+    measured = times({1: 26, 2: 31, 4: 55, 6: 70, 16: 160}, {1: 50, 2: 48, 4: 60, 6: 52, 16: 70})
+    assert crossover(measured) == 4
+    # oneDNN everywhere as fast or faster: torch's default stays
+    assert crossover(times({1: 30, 6: 90}, {1: 30, 6: 50})) == 0
+    # within the noise margin: no switch
+    assert crossover(times({1: 29.5, 6: 60}, {1: 30, 6: 60})) == 0
+    # ATen faster at every width (oneDNN capped below native bf16): ATen throughout
+    assert crossover(times({1: 28, 4: 40, 16: 140}, {1: 29, 4: 48, 16: 145})) == 16
+
+
+def bf16_tiny() -> LoadedModel:
+    loaded = tiny_loaded("llama", k=4)
+    loaded.model.to(torch.bfloat16)
+    return loaded
+
+
+def probe(model) -> list[bool]:
+    """Record oneDNN's switch as every decoder layer's forward sees it."""
+    seen = []
+    model.get_decoder().layers[0].register_forward_pre_hook(lambda m, a: seen.append(torch.backends.mkldnn.enabled))
+    return seen
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_installed_choice_switches_kernels_by_pass_tokens_and_comes_off():
+    loaded = bf16_tiny()
+    fake = {1: (50.0, 26.0), 2: (48.0, 31.0), 4: (60.0, 55.0), 6: (52.0, 70.0)}  # tokens -> (oneDNN, ATen) ms
+    choice = choose_kernels(loaded, sizes=tuple(fake), reps=1, timer=lambda n, onednn: fake[n][0 if onednn else 1] / 1000)
+    assert choice.aten_max_tokens == 4 and choice.reason == "measured"
+    assert choice.measured_ms[1] == {"onednn": 50.0, "aten": 26.0}
+    seen = probe(loaded.model)
+    with torch.no_grad():
+        loaded.model(torch.tensor([[5, 6, 7]]))  # 3 tokens: ATen
+        loaded.model(torch.tensor([[5, 6, 7, 8, 9, 10]]))  # 6 tokens: oneDNN
+        loaded.model(torch.tensor([[5, 6], [7, 8], [9, 10]]))  # 3 rows x 2 = 6 tokens: oneDNN
+    assert seen == [False, True, True]
+    remove_kernel_choice(loaded.model)
+    assert torch.backends.mkldnn.enabled  # torch's default again
+    with torch.no_grad():
+        loaded.model(torch.tensor([[5]]))
+    assert seen[-1] is True  # no hook switches it any more
+
+
+def test_choice_applies_to_cpu_bf16_only_and_leaves_fp32_alone():
+    fp32 = tiny_loaded("llama", k=4)
+    assert "float32" in applies(fp32.model)
+    calls = []
+    choice = choose_kernels(fp32, timer=lambda n, onednn: calls.append(n) or 1.0)
+    assert choice.aten_max_tokens == 0 and "float32" in choice.reason and not calls  # nothing timed
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_decoding_under_the_choice_equals_plain_decoding_under_it():
+    # The hook switches kernels between 1-token plain steps and wide drafting passes; the
+    # drafting decoder's output stays the plain decoder's (this tiny bf16 model has no near-tie here).
+    prompt = [3, 17, 42, 9, 77, 5]
+    loaded = bf16_tiny()
+    choose_kernels(loaded, sizes=(1, 2, 8), reps=1, timer=lambda n, onednn: (1.0 if onednn else 0.5) if n <= 2 else (0.5 if onednn else 1.0))
+    seen = probe(loaded.model)
+    try:
+        plain = generate(loaded, make_sequences(loaded, [prompt], 24), num_sat=0)[0].output_ids
+        drafted = generate(loaded, make_sequences(loaded, [prompt], 24), num_sat=4, scheduler=Scheduler(lambda rows, q: 1.0))[0].output_ids
+    finally:
+        remove_kernel_choice(loaded.model)
+    assert False in seen and True in seen  # both kernels ran
+    assert drafted == plain and len(plain) == 24
+
+
+def test_engine_records_its_kernel_choice():
+    loaded = LoadedModel(model=tiny_model("llama"), tokenizer=TinyTokenizer(), sat=None, source="tiny", path="")
+    engine = Engine(loaded, EngineConfig(num_sat=0, lookup=0))
+    try:
+        kernels = engine.snapshot()["kernels"]
+    finally:
+        engine.stop()
+    assert kernels == {"aten_max_tokens": 0, "reason": "float32: one kernel family"}
