@@ -25,8 +25,10 @@ def test_crossover_switches_where_aten_stops_being_faster():
     assert crossover(times({1: 30, 6: 90}, {1: 30, 6: 50})) == 0
     # within the noise margin: no switch
     assert crossover(times({1: 29.5, 6: 60}, {1: 30, 6: 60})) == 0
-    # ATen faster at every width (oneDNN capped below native bf16): ATen throughout
-    assert crossover(times({1: 28, 4: 40, 16: 140}, {1: 29, 4: 48, 16: 145})) == 16
+    # oneDNN capped below native bf16: near-ties count for neither side, clear ATen wins do
+    assert crossover(times({1: 28, 4: 40, 16: 140}, {1: 29, 4: 48, 16: 145})) == 4
+    # a size where ATen's lead is within the noise margin ends nothing but does not count
+    assert crossover(times({1: 26, 2: 31, 3: 46, 4: 46, 6: 88}, {1: 53, 2: 55, 3: 52, 4: 47, 6: 66})) == 3
 
 
 def bf16_tiny() -> LoadedModel:

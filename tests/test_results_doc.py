@@ -107,3 +107,28 @@ def test_head_levers_get_one_row_each(tmp_path):
     doc = render_doc(load_results(results_dir), tmp_path / "docs" / "results.md")
     assert "| base | (base) | 0.70 0.60 | 0.65 0.55 | 0.68 0.58 |" in doc
     assert "| kl | kl=1.0 | 0.71 0.62 |" in doc and "The SATs alone: 0.50 0.40." in doc
+
+
+def test_near_tie_spreads_and_kernel_runs_get_their_own_rows(tmp_path):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    spread = {"0.5": 0.125, "0.9": 0.25, "0.99": 0.375, "0.999": 0.5, "max": 0.625, "n": 100}
+    (results_dir / "near_tie.json").write_text(json.dumps({
+        "model": "default-base", "prompts": "mixed", "new_tokens": 8, "near_tie_threshold_fp32": 0.25,
+        "gap_difference": {"1-token, ATen vs 6-token, oneDNN": spread}, "error_vs_fp32": {"1-token, ATen": spread},
+        "machine": {"cpu": "Test CPU", "cpu_flags": ["avx512_bf16"], "cores": 2, "torch_threads": 2, "gpu": None,
+                    "command": "jobs/near_tie.py --json results/near_tie.json"}}))
+    bench = {"model": "default", "dtype": "bfloat16", "batch": 1, "k": 5, "decoder": "scheduled", "lookup": 16,
+             "plain_tokens_per_s": 20.0, "sdsat_tokens_per_s": 30.0, "speedup": 1.5, "tau": 2.0, "tokens_per_forward": 2.0,
+             "accept_rate_per_offset": [0.5], "identical": True, "token_match_rate": 1.0, "prompts": "mixed",
+             "max_new_tokens": 8, "near_tie_threshold_fp32": 0.25}
+    command = "jobs/bench.py --dtype bfloat16"
+    native = {"cpu": "Test CPU", "cpu_flags": ["avx512_bf16"], "cores": 2, "torch_threads": 2, "gpu": None, "command": command}
+    capped = native | {"isa_cap": "AVX2", "native_bf16": False}
+    (results_dir / "a.json").write_text(json.dumps(bench | {"machine": native, "kernels": {"aten_max_tokens": 4}}))
+    (results_dir / "b.json").write_text(json.dumps(bench | {"machine": capped, "kernels": {"aten_max_tokens": 0}, "speedup": 1.2}))
+    doc = render_doc(load_results(results_dir), tmp_path / "docs" / "results.md")
+    assert "| 1-token, ATen vs 6-token, oneDNN | 0.125 | 0.250 | 0.375 | 0.500 | 0.625 | 100 |" in doc
+    rows = [line for line in doc.splitlines() if line.startswith("| Test CPU")]
+    assert any("native bf16, 2 threads" in r and "ATen <= 4 tokens" in r and "**1.50x**" in r for r in rows)
+    assert any("no native bf16 (kernels capped at AVX2)" in r and ", oneDNN" in r and "**1.20x**" in r for r in rows)

@@ -8,8 +8,9 @@ decoding is all 1-token passes, so the kernel choice alone moves it by up to 2x,
 decoder that drafts wants oneDNN for its wide passes.
 
 :func:`choose_kernels` times passes of 1, 2, 3, 4, 6, 8, 12 and 16 tokens both ways (about
-two seconds) and installs a forward pre-hook on the model's decoder that switches oneDNN off
-for passes of at most ``aten_max_tokens`` tokens (:func:`crossover`) (rows x query tokens) and on for wider ones.
+five seconds on a 2-core CPU) and installs a forward pre-hook on the model's decoder that switches oneDNN off
+for passes of at most ``aten_max_tokens`` tokens (rows x query tokens; :func:`crossover`) and on
+for wider ones.
 Every caller of the model then gets the faster kernel: plain decoding, the SDSAT decoder and
 the serving engine alike, so the speed-up a benchmark reports is against the fastest plain
 decoding, not against a slow kernel. On a GPU, in fp32 or without oneDNN it does nothing
@@ -44,17 +45,20 @@ class KernelChoice:
         return asdict(self)
 
 
-def crossover(times: dict[int, dict[str, float]], margin: float = 0.03) -> int:
-    """The token count T (0 or a measured size) for "ATen up to T tokens, oneDNN above" that
-    fits the measurements best: the least total time over the measured sizes, each size's
-    time taken relative to its faster kernel so that every size weighs alike. T stays 0
-    (torch's default, oneDNN throughout) unless the best T is more than ``margin`` better,
-    so noise does not switch kernels."""
-    def total(limit: int) -> float:
-        return sum(t["aten" if n <= limit else "onednn"] / min(t.values()) for n, t in times.items())
-
-    best = min([0, *sorted(times)], key=total)
-    return best if total(best) < total(0) * (1 - margin) else 0
+def crossover(times: dict[int, dict[str, float]], margin: float = 0.05) -> int:
+    """The token count T for "ATen up to T tokens, oneDNN above": the largest measured size at
+    which ATen was faster by more than ``margin`` with no smaller size where oneDNN was faster by
+    more than it; 0 (torch's default, oneDNN throughout) where there is none. Sizes within the
+    margin count for neither: repeated measurements move by about that much, and a near-tie
+    is not worth switching kernels for."""
+    best = 0
+    for n in sorted(times):
+        aten, onednn = times[n]["aten"], times[n]["onednn"]
+        if onednn * (1 + margin) < aten:
+            break
+        if aten * (1 + margin) < onednn:
+            best = n
+    return best
 
 
 def applies(model: torch.nn.Module) -> str:
