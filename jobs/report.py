@@ -48,8 +48,9 @@ def machine_info() -> dict:
             have = set(value.split())
             info["cpu_flags"] = [f for f in CPU_FLAGS if f in have]
     info.pop("model name", None)
-    if isa_cap():
-        info["isa_cap"] = isa_cap()
+    cap = isa_cap()
+    if cap:
+        info["isa_cap"] = cap
     info["native_bf16"] = native_bf16_cpu(set(info["cpu_flags"]))
     info["cores"] = text.count("\nprocessor") + text.startswith("processor")
     return info

@@ -41,7 +41,7 @@ def choose_bf16(requested: str, device: torch.device, flags: set[str] | None = N
         return True, f"auto: bf16 ({device.type} runs bf16 natively)"
     if device.type == "cuda":
         what = "this GPU has no bf16"
-    elif isa_cap() and any(flag in (cpu_flags() if flags is None else flags) for flag in NATIVE_BF16_FLAGS):
+    elif native_bf16_cpu(flags, environ={}):  # the CPU has it: a kernel cap took it away
         what = f"the kernel cap ONEDNN_MAX_CPU_ISA={isa_cap()} leaves this CPU no native bf16: bf16 would be emulated"
     else:
         what = f"this CPU has none of {', '.join(NATIVE_BF16_FLAGS)}: bf16 would be emulated"
