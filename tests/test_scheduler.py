@@ -136,6 +136,62 @@ def test_a_closed_batch_drafts_for_its_slowest_rows():
     narrow = Scheduler(cost).plan(rows)
     assert 1 < narrow.width < wide.width
 
+def test_a_closed_batch_of_level_rows_counts_the_chance_that_all_of_them_gain():
+    """16 rows with the same tokens left, each with one draft right 60% of the time: the
+    batch's end moves only when all 16 accept theirs (0.6^16), not by the 0.6 each expects,
+    so a closed batch steps plainly; one such row alone drafts, as does an open batch."""
+    cost = lambda rows, q: 1.0 + 0.01 * rows + 0.3 * (q - 1)  # noqa: E731
+
+    def rows(n: int, remaining: int | None) -> list[RowCandidates]:
+        return [RowCandidates([], Trie([7], [-1], [1000.0]), 0, remaining=remaining) for _ in range(n)]
+
+    def scheduler() -> Scheduler:
+        s = Scheduler(cost)
+        key = (False, score_bucket(1000.0))
+        s.acceptance.lookup.hits[key], s.acceptance.lookup.seen[key] = 60.0, 100.0
+        return s
+
+    assert scheduler().plan(rows(16, 100)).plain
+    assert not scheduler().plan(rows(16, None)).plain  # open: every row's token counts
+    assert not scheduler().plan(rows(1, 100)).plain
+    ahead = rows(16, 90)
+    ahead[0].remaining = 100  # one row holds the end alone: its draft moves it
+    assert not scheduler().plan(ahead).plain
+
+
+def test_a_closed_batch_learns_what_its_end_really_moved():
+    """Two level rows whose drafts are each right 90% of the time by the estimates, but never
+    together: the batch's end never moves, end realism falls below what the rows' own
+    estimates say, and the batch turns to plain steps; where the end moves as expected it
+    stays at 1."""
+    cost = lambda rows, q: 1.0 + 0.01 * rows + 0.05 * (q - 1)  # noqa: E731
+
+    def rows() -> list[RowCandidates]:
+        trie = Trie([1, 2, 3], [-1, 0, 1], [1000.0, 1000.0, 1000.0])
+        return [RowCandidates([], trie, 0, remaining=100) for _ in range(2)]
+
+    def scheduler() -> Scheduler:
+        s = Scheduler(cost, explore_fraction=0.0)
+        key = (False, score_bucket(1000.0))
+        s.acceptance.lookup.hits[key], s.acceptance.lookup.seen[key] = 90.0, 100.0
+        return s
+
+    for together, still_drafts in ((True, True), (False, False)):
+        s = scheduler()
+        for _ in range(40):
+            batch = rows()
+            plan = s.plan(batch)
+            if plan.plain:
+                break
+            got = plan.rows[0].lookup
+            emitted = [[1, 2, 3, 4][: got + 1], [1, 2, 3, 4][: got + 1] if together else [9]]
+            s.observe(plan, batch, emitted, cost(2, plan.width), [0, 1])
+            s.acceptance.lookup.hits[(False, score_bucket(1000.0))] = 90.0  # the rows' estimates stay put
+            s.acceptance.lookup.seen[(False, score_bucket(1000.0))] = 100.0
+        assert s.plan(rows()).plain is not still_drafts
+        assert (s.end_realism == 1.0) is together
+
+
 def test_a_look_that_loses_waits_twice_as_long_for_the_next():
     """Plain is best and stays best: looks at width 2 (the only neighbour of plain here) come
     ever more rarely, down to one per MAX_GAP * explore_every passes, and never stop."""

@@ -27,9 +27,12 @@ the most tokens any row has left, before the pass and (expected) after it. Movin
 row 3 tokens on moves the end by only 1 when a row without drafts is 1 token behind it
 (counting 3 there drafted whole 16-row passes at 3x a plain pass for one row); and, for the
 others, only what finishing early saves: each token they gain is worth the cost of one row in
-a pass, ``(cost(rows, 1) - cost(rows - 1, 1)) / cost(rows, 1)`` of a plain pass. At batch 16
-on a CPU a row is a few percent of a pass, so drafting must move the slowest rows; a serving
-engine's batch is open (new requests take the freed rows) and counts every token.
+a pass, ``(cost(rows, 1) - cost(1, 1)) / (rows - 1) / cost(rows, 1)`` of a plain pass (the
+average row, not the last one: the measured plain passes of 13 and 14 rows once differed
+by a third of a pass, which made the 14th row look worth 0.32 passes and the batch draft at
+width 5 for nothing). At batch 16 on a CPU a row is a few percent of a pass, so drafting must
+move the slowest rows, all of them (:func:`_end_move`); a serving engine's batch is open (new
+requests take the freed rows) and counts every token.
 
 Skipping: at a large batch, building every row's candidates and choosing costs a few percent
 of a pass. While drafting does not even break even (its best rate below plain's), the next
@@ -101,6 +104,7 @@ class Plan:
     # tokens this pass itself is expected to emit, unscaled by realism: 1 per row plus its
     # pending and lookup nodes' values (a block position's value comes in the next pass)
     verifiable: float = 0.0
+    end_move: float = 0.0  # closed batches: how far the pass is expected to move the batch's end (unscaled)
 
     @property
     def plain(self) -> bool:
@@ -139,6 +143,34 @@ def _block_values(pending: list[float], sat: list[float]) -> list[float]:
     return [total / count for total, count in runs for _ in range(count)]
 
 
+def _end_move(values: list[list[tuple[float, int]]], remaining: list[int], most: int, nodes: int) -> float:
+    """Expected extra tokens by which a pass of ``nodes`` drafts per row moves a closed
+    batch's end: the most tokens any row has left, before the pass and after it (each row
+    emits one token plus its accepted drafts a_i). With the rows independent,
+
+        P(end moves >= d) = prod over rows of P(a_i >= d - (most - r_i)),
+
+    which is 1 for a row more than d tokens ahead. P(a_i >= j) is taken as the row's j-th
+    best value, as for a chain (exact for a chain of drafts, whose values fall with depth).
+    This is E[min], not the min of the expectations: 16 level rows that each expect 0.6
+    drafts accepted almost never all get one (0.6^16), and a pass that widens all 16 rows
+    for that moved the end of a batch-16 run by nothing (0.90x plain in ``jobs/bench.py``)."""
+    move = 0.0
+    for d in range(1, nodes + 1):
+        p = 1.0
+        for items, r in zip(values, remaining):
+            j = d - (most - r)
+            if j <= 0:
+                continue
+            p *= min(1.0, items[j - 1][0]) if j <= min(nodes, len(items)) else 0.0
+            if p == 0.0:
+                break
+        if p == 0.0:
+            break
+        move += p
+    return move
+
+
 class _Fixed:
     """An injected cost function (rows, q) -> seconds: no learning."""
 
@@ -168,7 +200,7 @@ class Scheduler:
         cost: PassCost | Callable[[int, int], float],
         *,
         margin: float = 0.05,
-        explore_fraction: float = 0.03,
+        explore_fraction: float = 0.01,
         explore_every: int = 16,
         max_width: int = 33,
     ):
@@ -197,6 +229,10 @@ class Scheduler:
         # that expects 0.6 tokens gets 0 or 1 or 2 of them)
         self.realism = 1.0
         self._realised = self._expected = 1.0  # EMAs of drafting passes' extra tokens (a prior of 1 in 1)
+        # the same for the batch's end in closed batches (:func:`_end_move`): rows' estimates
+        # that are right on average can still be wrong together about the slowest rows
+        self.end_realism = 1.0
+        self._end_realised = self._end_expected = 1.0
         self.plan_share = 0.0  # EMA of planning seconds / pass seconds
         self.skip_left = 0  # plain passes to run without planning
         self.skip_run = 0  # the length of the latest run of skipped passes
@@ -233,7 +269,9 @@ class Scheduler:
     def plan(self, rows: list[RowCandidates]) -> Plan:
         """The pass to run next for these rows."""
         values = [self.values(r) for r in rows]
-        best = self._allocate(values, *self._best_width(values, [r.remaining for r in rows]))
+        q, gain, seconds, end_move = self._best_width(values, [r.remaining for r in rows])
+        best = self._allocate(values, q, gain, seconds)
+        best.end_move = end_move
         plan = best
         if self.verify_next:
             plan = self._verify_pending(rows, best)
@@ -291,8 +329,9 @@ class Scheduler:
         """Predicted seconds of a pass of this shape, with a draft block in it or not."""
         return self.cost.predict(batch, width) + (self._extra(batch) if block else 0.0)
 
-    def _best_width(self, values: list[list[tuple[float, int]]], remaining=None) -> tuple[int, float, float]:
-        """(q, expected tokens, predicted seconds) of the best width for these rows."""
+    def _best_width(self, values: list[list[tuple[float, int]]], remaining=None) -> tuple[int, float, float, float]:
+        """(q, expected tokens, predicted seconds, expected move of a closed batch's end) of
+        the best width for these rows."""
         batch = len(values)
         first_block = min((i + 2 for items in values for i, (_, src) in enumerate(items) if src == BLOCK), default=10**9)
         closed = batch > 1 and remaining is not None and all(r is not None for r in remaining)
@@ -300,7 +339,7 @@ class Scheduler:
             most = max(remaining)
             critical = [i for i, r in enumerate(remaining) if r >= most]
             plain = self.cost.predict(batch, 1)
-            weight = min(1.0, max(0.0, plain - self.cost.predict(batch - 1, 1)) / plain)
+            weight = min(1.0, max(0.0, plain - self.cost.predict(1, 1)) / (batch - 1) / plain)
         prefix = []
         for items in values:
             sums, total = [0.0], 0.0
@@ -315,11 +354,11 @@ class Scheduler:
         for q in range(1, top + 1):
             got = [sums[min(q - 1, len(sums) - 1)] for sums in prefix]
             gain = sum(1.0 + self.realism * v for v in got)
-            worth = gain
+            worth, low = gain, 0.0
             if closed:  # in tokens of the whole batch, as plain steps would give them
-                # how far the batch's end moves: the most tokens left, before and after
-                low = most - max(r - g for r, g in zip(remaining, got))
-                worth = batch * (1.0 + self.realism * (low + weight * max(0.0, sum(got) - len(critical) * low)))
+                low = _end_move(values, remaining, most, q - 1)  # how far the batch's end moves
+                moved = self.end_realism * low
+                worth = batch * (1.0 + self.realism * (moved + weight * max(0.0, sum(got) - len(critical) * moved)))
             seconds = self._predict(batch, q, q >= first_block)
             rate = worth / seconds
             if q == 1:
@@ -327,12 +366,12 @@ class Scheduler:
             else:
                 best_drafting = max(best_drafting, rate)
             if best is None or rate > best[0]:
-                best = (rate, q, gain, seconds)
-        rate, q, gain, seconds = best
+                best = (rate, q, gain, seconds, low)
+        rate, q, gain, seconds, low = best
         self._draft_ratio = best_drafting / plain_rate
         if q > 1 and rate < plain_rate * (1 + self.margin):
-            return 1, float(batch), self.cost.predict(batch, 1)
-        return q, gain, seconds
+            return 1, float(batch), self.cost.predict(batch, 1), 0.0
+        return q, gain, seconds, low
 
     @staticmethod
     def _allocate(values, width: int, gain: float, seconds: float) -> Plan:
@@ -427,6 +466,12 @@ class Scheduler:
             self._realised += REALISM_EMA * (realised - self._realised)
             self._expected += REALISM_EMA * (expected_extra - self._expected)
             self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
+        if not plan.explore and plan.end_move > 0:
+            most = max(r.remaining for r in rows)
+            moved = most - max(r.remaining - len(out) for r, out in zip(rows, emitted)) - 1
+            self._end_realised += REALISM_EMA * (max(0, moved) - self._end_realised)
+            self._end_expected += REALISM_EMA * (plan.end_move - self._end_expected)
+            self.end_realism = max(0.05, min(1.0, self._end_realised / self._end_expected))
         shape_s = seconds
         if any(p.block for p in plan.rows):  # what the block cost beyond the shape
             over = seconds - self.cost.predict(len(rows), plan.width)
@@ -472,6 +517,7 @@ class Scheduler:
             "explored": self.explored,
             "explore_share": self.explore_s / self.total_s if self.total_s else 0.0,
             "realism": self.realism,
+            "end_realism": self.end_realism,
             "block_extra_s": {r: round(v, 5) for r, v in sorted(self.block_extra.items())},
             "skipped": self.skipped,
             "plan_share": self.plan_share,
