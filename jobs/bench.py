@@ -14,7 +14,11 @@ and a draft block of up to ``--num-sat`` SATs, or a plain step where drafting do
 ``--tree`` and ``--oracle-drafts`` use.
 On a CPU in bf16 both runs use the faster matmul kernel per pass width (``--kernels auto``,
 sdsat/decode/kernels.py), so the baseline is the fastest plain decoding, not a slow kernel.
-Plain and SDSAT runs alternate batch by batch in one process, after a warm-up. In fp32 the
+Plain and SDSAT runs alternate batch by batch in one process, after a warm-up; with the
+default decoder they run in lockstep (``--timing lockstep``, the default): one pass of the
+plain batch, one of the SDSAT batch, each timed alone, which goes first alternating by round,
+so the machine's drift (on a shared 2-core VM, +-10% between consecutive 25-second runs)
+falls on both sides alike instead of on whichever run it hit. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
 one-token steps, so each divergence is reported with the fp32 logit margin between the two
 tokens there: a near-tie is rounding, anything else is a bug.
@@ -38,7 +42,7 @@ from jobs.prompts import load_prompts
 from jobs.report import machine_info, sat_info, write_json
 from sdsat.decode.calibrate import measured_scheduler
 from sdsat.decode.kernels import KernelChoice, choose_kernels
-from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, oracle_drafts
+from sdsat.decode.generate import DEFAULT_LOOKUP, generate, make_sequences, oracle_drafts, stream
 from sdsat.decode.scheduler import Scheduler
 from sdsat.model.load import load_model
 from sdsat.decode.stats import DecodeStats
@@ -83,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=int, default=2,
         help="passes over the prompt set, plain and SDSAT alternating which goes first (speed drifts on shared machines)",
+    )
+    p.add_argument(
+        "--timing", choices=("lockstep", "runs"), default="lockstep",
+        help="lockstep: plain and SDSAT batches take turns pass by pass, each pass timed (the default decoder); "
+             "runs: each batch decoded whole, plain and SDSAT runs alternating",
     )
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
@@ -145,6 +154,37 @@ def run(loaded, prompts, args, k: int, references=None, draft: bool = True, sche
         outputs += [s.output_ids for s in seqs]
         stats += [s.stats for s in seqs]
     return outputs, stats, seconds
+
+
+def run_lockstep(loaded, prompts, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True):
+    """Plain and default-decoder batches of the same prompts, one pass of each in turn (the
+    order within a pair: ``plain_first``), every pass timed alone. Returns
+    ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
+    sides = {"plain": ([], [], 0.0), "sdsat": ([], [], 0.0)}
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        sampling = None
+        if args.temperature:
+            sampling = [SamplingParams(args.temperature, args.top_p, args.seed + first + start + i) for i in range(len(chunk))]
+        seqs = {kind: make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop)) for kind in sides}
+        steps = {
+            "plain": stream(loaded, seqs["plain"], 0, sampling=sampling),
+            "sdsat": stream(loaded, seqs["sdsat"], k, lookup=args.lookup, scheduler=scheduler, sampling=sampling),
+        }
+        seconds = dict.fromkeys(sides, 0.0)
+        order = ["plain", "sdsat"] if plain_first else ["sdsat", "plain"]
+        while order:
+            for kind in list(order):
+                t0 = time.perf_counter()
+                done = next(steps[kind], None) is None
+                seconds[kind] += time.perf_counter() - t0
+                if done:
+                    order.remove(kind)
+        for kind, (outputs, stats, secs) in sides.items():
+            outputs += [s.output_ids for s in seqs[kind]]
+            stats += [s.stats for s in seqs[kind]]
+            sides[kind] = (outputs, stats, secs + seconds[kind])
+    return sides["plain"], sides["sdsat"]
 
 
 def plain_continuation(loaded):
@@ -224,11 +264,22 @@ def main(argv=None) -> dict:
     plain_tokens = sdsat_tokens = 0
     diffs, matched = [], 0
     step = args.batch_size
+    lockstep = args.timing == "lockstep" and not (args.two_step or args.oracle_drafts)
     for round_ in range(args.rounds):
         round_plain, round_sdsat, round_plain_s, round_sdsat_s = [], [], 0.0, 0.0
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
-            for kind in ("plain", "sdsat") if round_ % 2 == 0 else ("sdsat", "plain"):
+            if lockstep:
+                (out, stats, secs), (s_out, s_stats, s_secs) = run_lockstep(
+                    loaded, chunk, args, k, scheduler, first=start, plain_first=round_ % 2 == 0
+                )
+                round_plain += out
+                plain_stats += stats
+                round_plain_s += secs
+                round_sdsat += s_out
+                sdsat_stats += s_stats
+                round_sdsat_s += s_secs
+            for kind in () if lockstep else ("plain", "sdsat") if round_ % 2 == 0 else ("sdsat", "plain"):
                 if kind == "plain":
                     out, stats, secs = run(loaded, chunk, args, 0, draft=False, first=start)
                     round_plain += out
@@ -276,6 +327,7 @@ def main(argv=None) -> dict:
         "oracle_drafts": args.oracle_drafts,
         "tree": args.tree or None,
         "decoder": "two-step" if args.two_step else "scheduled",
+        "timing": "lockstep" if lockstep else "alternating runs",
         "temperature": args.temperature,
         "top_p": args.top_p if args.temperature else None,
         "seed": args.seed if args.temperature else None,
