@@ -78,9 +78,10 @@ def decoder(d: dict, with_kernels: bool = True) -> str:
 
 def kernels(d: dict) -> str:
     """The CPU matmul kernels of a run (sdsat/decode/kernels.py); "" for runs from before the
-    choice existed, which used torch's default (oneDNN throughout)."""
+    choice existed, which used torch's default (oneDNN throughout), and for runs where there
+    was nothing to choose (fp32, a GPU: nothing was measured)."""
     choice = d.get("kernels")
-    if not choice:
+    if not choice or not choice.get("reason", "measured").startswith("measured"):
         return ""
     limit = choice.get("aten_max_tokens", 0)
     return f"ATen <= {limit} tokens" if limit else "oneDNN"

@@ -127,8 +127,13 @@ def test_near_tie_spreads_and_kernel_runs_get_their_own_rows(tmp_path):
     capped = native | {"isa_cap": "AVX2", "native_bf16": False}
     (results_dir / "a.json").write_text(json.dumps(bench | {"machine": native, "kernels": {"aten_max_tokens": 4}}))
     (results_dir / "b.json").write_text(json.dumps(bench | {"machine": capped, "kernels": {"aten_max_tokens": 0}, "speedup": 1.2}))
+    fp32 = bench | {"dtype": "float32", "speedup": 1.1, "machine": native | {"command": command.replace("bfloat16", "float32")},
+                    "kernels": {"aten_max_tokens": 0, "reason": "float32: one kernel family", "measured_ms": {}}}
+    (results_dir / "c.json").write_text(json.dumps(fp32))
     doc = render_doc(load_results(results_dir), tmp_path / "docs" / "results.md")
     assert "| 1-token, ATen vs 6-token, oneDNN | 0.125 | 0.250 | 0.375 | 0.500 | 0.625 | 100 |" in doc
+    fp32_row = next(line for line in doc.splitlines() if line.startswith("| Test CPU") and "**1.10x**" in line)
+    assert "oneDNN" not in fp32_row and "ATen" not in fp32_row  # nothing was chosen in fp32
     rows = [line for line in doc.splitlines() if line.startswith("| Test CPU")]
     assert any("native bf16, 2 threads" in r and "ATen <= 4 tokens" in r and "**1.50x**" in r for r in rows)
     assert any("no native bf16 (kernels capped at AVX2)" in r and ", oneDNN" in r and "**1.20x**" in r for r in rows)
