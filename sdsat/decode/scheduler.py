@@ -31,7 +31,7 @@ a pass, ``(cost(rows, 1) - cost(1, 1)) / (rows - 1) / cost(rows, 1)`` of a plain
 average row, not the last one: the measured plain passes of 13 and 14 rows once differed
 by a third of a pass, which made the 14th row look worth 0.32 passes and the batch draft at
 width 5 for nothing). At batch 16 on a CPU a row is a few percent of a pass, so drafting must
-move the slowest rows, all of them (:func:`_end_move`); a serving engine's batch is open (new
+move the slowest rows, all of them (:func:`_end_moves`); a serving engine's batch is open (new
 requests take the freed rows) and counts every token.
 
 Skipping: at a large batch, building every row's candidates and choosing costs a few percent
@@ -143,10 +143,10 @@ def _block_values(pending: list[float], sat: list[float]) -> list[float]:
     return [total / count for total, count in runs for _ in range(count)]
 
 
-def _end_move(values: list[list[tuple[float, int]]], remaining: list[int], most: int, nodes: int) -> float:
-    """Expected extra tokens by which a pass of ``nodes`` drafts per row moves a closed
-    batch's end: the most tokens any row has left, before the pass and after it (each row
-    emits one token plus its accepted drafts a_i). With the rows independent,
+def _end_moves(values: list[list[tuple[float, int]]], remaining: list[int], most: int, nodes: int) -> list[float]:
+    """Per n = 0..``nodes``: the expected extra tokens by which a pass of n drafts per row
+    moves a closed batch's end, the most tokens any row has left, before the pass and after
+    it (each row emits one token plus its accepted drafts a_i). With the rows independent,
 
         P(end moves >= d) = prod over rows of P(a_i >= d - (most - r_i)),
 
@@ -154,21 +154,23 @@ def _end_move(values: list[list[tuple[float, int]]], remaining: list[int], most:
     best value, as for a chain (exact for a chain of drafts, whose values fall with depth).
     This is E[min], not the min of the expectations: 16 level rows that each expect 0.6
     drafts accepted almost never all get one (0.6^16), and a pass that widens all 16 rows
-    for that moved the end of a batch-16 run by nothing (0.90x plain in ``jobs/bench.py``)."""
-    move = 0.0
+    for that moved the end of a batch-16 run by nothing (0.90x plain in ``jobs/bench.py``).
+    Depth d needs only drafts j <= d <= n deep, so its chance is the same for every n: the
+    moves are running sums, computed once for all widths."""
+    moves = [0.0]
     for d in range(1, nodes + 1):
         p = 1.0
         for items, r in zip(values, remaining):
             j = d - (most - r)
             if j <= 0:
                 continue
-            p *= min(1.0, items[j - 1][0]) if j <= min(nodes, len(items)) else 0.0
+            p *= min(1.0, items[j - 1][0]) if j <= len(items) else 0.0
             if p == 0.0:
                 break
-        if p == 0.0:
-            break
-        move += p
-    return move
+        if p == 0.0:  # each row's chance only falls with depth: no deeper move either
+            return moves + [moves[-1]] * (nodes + 1 - len(moves))
+        moves.append(moves[-1] + p)
+    return moves
 
 
 class _Fixed:
@@ -229,7 +231,7 @@ class Scheduler:
         # that expects 0.6 tokens gets 0 or 1 or 2 of them)
         self.realism = 1.0
         self._realised = self._expected = 1.0  # EMAs of drafting passes' extra tokens (a prior of 1 in 1)
-        # the same for the batch's end in closed batches (:func:`_end_move`): rows' estimates
+        # the same for the batch's end in closed batches (:func:`_end_moves`): rows' estimates
         # that are right on average can still be wrong together about the slowest rows
         self.end_realism = 1.0
         self._end_realised = self._end_expected = 1.0
@@ -348,6 +350,7 @@ class Scheduler:
                 sums.append(total)
             prefix.append(sums)
         top = min(self.max_width, 1 + max((len(v) for v in values), default=0))
+        moves = _end_moves(values, remaining, most, top - 1) if closed else []
         best = None
         plain_rate = None
         best_drafting = 0.0  # the best rate of a width > 1
@@ -356,7 +359,7 @@ class Scheduler:
             gain = sum(1.0 + self.realism * v for v in got)
             worth, low = gain, 0.0
             if closed:  # in tokens of the whole batch, as plain steps would give them
-                low = _end_move(values, remaining, most, q - 1)  # how far the batch's end moves
+                low = moves[q - 1]  # how far the batch's end moves
                 moved = self.end_realism * low
                 worth = batch * (1.0 + self.realism * (moved + weight * max(0.0, sum(got) - len(critical) * moved)))
             seconds = self._predict(batch, q, q >= first_block)
