@@ -132,9 +132,7 @@ def run(loaded, prompts, args, k: int, references=None, draft: bool = True, sche
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
         seqs = make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop))
-        sampling = None
-        if args.temperature:
-            sampling = [SamplingParams(args.temperature, args.top_p, args.seed + first + start + i) for i in range(len(chunk))]
+        sampling = _sampling(args, len(chunk), first + start)
         override = None
         if references is not None:
             refs = references[start : start + args.batch_size]
@@ -156,34 +154,47 @@ def run(loaded, prompts, args, k: int, references=None, draft: bool = True, sche
     return outputs, stats, seconds
 
 
-def run_lockstep(loaded, prompts, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True):
-    """Plain and default-decoder batches of the same prompts, one pass of each in turn (the
-    order within a pair: ``plain_first``), every pass timed alone. Returns
-    ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
-    sides = {"plain": ([], [], 0.0), "sdsat": ([], [], 0.0)}
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
-        sampling = None
-        if args.temperature:
-            sampling = [SamplingParams(args.temperature, args.top_p, args.seed + first + start + i) for i in range(len(chunk))]
-        seqs = {kind: make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop)) for kind in sides}
-        steps = {
-            "plain": stream(loaded, seqs["plain"], 0, sampling=sampling),
-            "sdsat": stream(loaded, seqs["sdsat"], k, lookup=args.lookup, scheduler=scheduler, sampling=sampling),
-        }
-        seconds = dict.fromkeys(sides, 0.0)
-        order = ["plain", "sdsat"] if plain_first else ["sdsat", "plain"]
-        while order:
-            for kind in list(order):
-                t0 = time.perf_counter()
-                done = next(steps[kind], None) is None
-                seconds[kind] += time.perf_counter() - t0
-                if done:
-                    order.remove(kind)
-        for kind, (outputs, stats, secs) in sides.items():
-            outputs += [s.output_ids for s in seqs[kind]]
-            stats += [s.stats for s in seqs[kind]]
-            sides[kind] = (outputs, stats, secs + seconds[kind])
+def _sampling(args, n: int, first: int) -> list[SamplingParams] | None:
+    """Sampling params of n prompts counted from ``first`` (prompt i seeded with seed + i); None: greedy."""
+    if not args.temperature:
+        return None
+    return [SamplingParams(args.temperature, args.top_p, args.seed + first + i) for i in range(n)]
+
+
+def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True):
+    """One batch of prompts (counted from ``first``) decoded plainly and by the default decoder,
+    one pass of each in turn (the order within a pair: ``plain_first``), every pass timed
+    alone. Returns ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
+    sampling = _sampling(args, len(chunk), first)
+    seqs = {kind: make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop)) for kind in ("plain", "sdsat")}
+    steps = {
+        "plain": stream(loaded, seqs["plain"], 0, sampling=sampling),
+        "sdsat": stream(loaded, seqs["sdsat"], k, lookup=args.lookup, scheduler=scheduler, sampling=sampling),
+    }
+    seconds = dict.fromkeys(steps, 0.0)
+    order = ["plain", "sdsat"] if plain_first else ["sdsat", "plain"]
+    while order:
+        for kind in list(order):
+            t0 = time.perf_counter()
+            done = next(steps[kind], None) is None
+            seconds[kind] += time.perf_counter() - t0
+            if done:
+                order.remove(kind)
+    return tuple(([q.output_ids for q in seqs[kind]], [q.stats for q in seqs[kind]], seconds[kind]) for kind in ("plain", "sdsat"))
+
+
+def run_pair(loaded, chunk, args, k: int, scheduler: Scheduler, first: int, plain_first: bool, lockstep: bool, references):
+    """One batch decoded both ways: in lockstep, or as two whole runs in the given order (the
+    oracle's references: ``references``, else this batch's plain run, which then goes first)."""
+    if lockstep:
+        return run_lockstep(loaded, chunk, args, k, scheduler, first, plain_first)
+    sides = {}
+    for kind in ("plain", "sdsat") if plain_first else ("sdsat", "plain"):
+        if kind == "plain":
+            sides[kind] = run(loaded, chunk, args, 0, draft=False, first=first)
+        else:
+            refs = (references or sides["plain"][0]) if args.oracle_drafts else None
+            sides[kind] = run(loaded, chunk, args, k, refs, scheduler=scheduler, first=first)
     return sides["plain"], sides["sdsat"]
 
 
@@ -272,29 +283,16 @@ def main(argv=None) -> dict:
         round_plain, round_sdsat, round_plain_s, round_sdsat_s = [], [], 0.0, 0.0
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
-            if lockstep:
-                (out, stats, secs), (s_out, s_stats, s_secs) = run_lockstep(
-                    loaded, chunk, args, k, scheduler, first=start, plain_first=round_ % 2 == 0
-                )
-                round_plain += out
-                plain_stats += stats
-                round_plain_s += secs
-                round_sdsat += s_out
-                sdsat_stats += s_stats
-                round_sdsat_s += s_secs
-            for kind in () if lockstep else ("plain", "sdsat") if round_ % 2 == 0 else ("sdsat", "plain"):
-                if kind == "plain":
-                    out, stats, secs = run(loaded, chunk, args, 0, draft=False, first=start)
-                    round_plain += out
-                    plain_stats += stats
-                    round_plain_s += secs
-                else:
-                    # the oracle: this chunk's plain run (round 0 runs it first)
-                    refs = (plain_out or round_plain)[start : start + step] if args.oracle_drafts else None
-                    out, stats, secs = run(loaded, chunk, args, k, refs, scheduler=scheduler, first=start)
-                    round_sdsat += out
-                    sdsat_stats += stats
-                    round_sdsat_s += secs
+            # the oracle: round 0's plain outputs (round 0 runs each batch's plain run first)
+            (out, stats, secs), (s_out, s_stats, s_secs) = run_pair(
+                loaded, chunk, args, k, scheduler, start, round_ % 2 == 0, lockstep, plain_out[start : start + step]
+            )
+            round_plain += out
+            plain_stats += stats
+            round_plain_s += secs
+            round_sdsat += s_out
+            sdsat_stats += s_stats
+            round_sdsat_s += s_secs
             log.info("  round %d, prompts %d-%d: plain %.1fs, sdsat %.1fs", round_, start, start + len(chunk) - 1,
                      round_plain_s, round_sdsat_s)
         if round_ == 0:

@@ -11,14 +11,14 @@ from tests.conftest import tiny_loaded
 PROMPTS = ["def f(x):\n    return x + x + x\n", "the cat sat on the mat, the cat sat", "SELECT a, b FROM t", "abcabcabcabc"]
 
 
-def _bench(monkeypatch, tmp_path, timing: str) -> dict:
+def _bench(monkeypatch, tmp_path, timing: str, *extra: str) -> dict:
     loaded = tiny_loaded("llama", k=5)
     monkeypatch.setattr(bench, "load_model", lambda *args, **kwargs: loaded)
     monkeypatch.setattr(bench, "load_prompts", lambda spec: PROMPTS)
-    out = tmp_path / f"{timing}.json"
+    out = tmp_path / f"{timing}{len(extra)}.json"
     bench.main([
         "--model", "tiny", "--num-sat", "5", "--max-new-tokens", "24", "--batch-size", "2", "--dtype", "float32",
-        "--calibration-budget", "0.2", "--rounds", "2", "--timing", timing, "--device", "cpu", "--json", str(out),
+        "--calibration-budget", "0.2", "--rounds", "2", "--timing", timing, "--device", "cpu", "--json", str(out), *extra,
     ])
     return json.loads(out.read_text())
 
@@ -31,5 +31,15 @@ def test_lockstep_timing_decodes_as_separate_runs_do_and_times_both_sides(monkey
         assert r["identical"] and r["token_match_rate"] == 1.0  # fp32: exactly plain greedy
         assert r["plain_tokens_per_s"] > 0 and r["sdsat_tokens_per_s"] > 0
         assert len(r["speedup_per_round"]) == 2
-    # the same prompts, decoded to the same number of tokens either way
     assert lockstep["tau"] >= 1.0 and lockstep["scheduler"]["passes"] > 0
+
+
+def test_oracle_drafts_decode_whole_runs_against_each_batchs_plain_output(monkeypatch, tmp_path):
+    """--oracle-drafts drafts round 0's plain output (the run falls back from lockstep to
+    whole runs): every draft of an untrained model is then right, and the output stays exact."""
+    r = _bench(monkeypatch, tmp_path, "lockstep", "--oracle-drafts")
+    guessed = _bench(monkeypatch, tmp_path, "lockstep", "--two-step", "--rounds", "1")  # the same, drafting with the SATs
+    assert r["timing"] == guessed["timing"] == "alternating runs" and r["decoder"] == "two-step"
+    assert r["identical"] and guessed["identical"]
+    # drafts past a reference's end are wrong, so not all are accepted; random SATs guess almost none
+    assert r["accept_rate"] > 0.75 and guessed["accept_rate"] < 0.25
