@@ -20,5 +20,12 @@ def compile_decode(model: torch.nn.Module, mode: str = "default") -> torch.nn.Mo
     """Replace ``model.forward`` by its compiled form (in place); return the model."""
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
+    if next(model.parameters()).device.type == "cpu":
+        # inductor's AVX-512 C++ kernels for the decode step abort the process on an Intel Xeon
+        # with avx512_bf16 + avx512_fp16 (torch 2.13, a tiny fp32 Llama); capped at 256-bit
+        # vectors (AVX2), as ATEN_CPU_CAPABILITY=avx2 also caps them, they run and match
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = 256
     model.forward = torch.compile(model.forward, dynamic=True, mode=mode)
     return model
