@@ -64,7 +64,7 @@ class AppArgs(BaseModel):
         8.0, ge=0, description="Seconds of start-up pass-cost measurement, interleaved with serving (0: never draft)."
     )
     kernel_choice: bool = Field(
-        True, description="CPU bf16: measure oneDNN against ATen matmuls per pass width at start-up (~5 s, before serving) and use the faster."
+        True, description="CPU bf16: measure ATen, oneDNN and packed oneDNN matmuls per pass width at start-up (~8 s, before serving) and use the fastest."
     )
     compile: bool = Field(
         False, description="torch.compile the decode step (sdsat/decode/compiled.py): for GPU replicas; the first requests wait for compiling."

@@ -83,8 +83,8 @@ def kernels(d: dict) -> str:
     choice = d.get("kernels")
     if not choice or not choice.get("reason", "measured").startswith("measured"):
         return ""
-    limit = choice.get("aten_max_tokens", 0)
-    return f"ATen <= {limit} tokens" if limit else "oneDNN"
+    limit, onednn = choice.get("aten_max_tokens", 0), "packed oneDNN" if choice.get("packed") else "oneDNN"
+    return f"ATen <= {limit} tokens" + (f", {onednn} above" if choice.get("packed") else "") if limit else onednn
 
 
 def pass_cost(d: dict) -> str:

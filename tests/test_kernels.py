@@ -7,7 +7,8 @@ import torch
 
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.decode.scheduler import Scheduler
-from sdsat.decode.kernels import applies, choose_kernels, crossover, remove_kernel_choice
+from sdsat.decode.kernels import applies, choose_kernels, crossover, packing_pays, remove_kernel_choice
+from sdsat.decode.packed import PackedLinears, pack, supported
 from sdsat.engine.engine import Engine, EngineConfig
 from tests.conftest import TinyTokenizer, tiny_loaded, tiny_model
 from sdsat.model.load import LoadedModel
@@ -48,9 +49,9 @@ def probe(model) -> list[bool]:
 def test_installed_choice_switches_kernels_by_pass_tokens_and_comes_off():
     loaded = bf16_tiny()
     fake = {1: (50.0, 26.0), 2: (48.0, 31.0), 4: (60.0, 55.0), 6: (52.0, 70.0)}  # tokens -> (oneDNN, ATen) ms
-    choice = choose_kernels(loaded, sizes=tuple(fake), reps=1, timer=lambda n, onednn: fake[n][0 if onednn else 1] / 1000)
-    assert choice.aten_max_tokens == 4 and choice.reason == "measured"
-    assert choice.measured_ms[1] == {"onednn": 50.0, "aten": 26.0}
+    choice = choose_kernels(loaded, sizes=tuple(fake), reps=1, timer=lambda n, kernel: fake[n][0 if kernel != "aten" else 1] / 1000)
+    assert choice.aten_max_tokens == 4 and choice.reason == "measured" and not choice.packed
+    assert choice.measured_ms[1]["onednn"] == 50.0 and choice.measured_ms[1]["aten"] == 26.0
     seen = probe(loaded.model)
     with torch.no_grad():
         loaded.model(torch.tensor([[5, 6, 7]]))  # 3 tokens: ATen
@@ -68,7 +69,7 @@ def test_choice_applies_to_cpu_bf16_only_and_leaves_fp32_alone():
     fp32 = tiny_loaded("llama", k=4)
     assert "float32" in applies(fp32.model)
     calls = []
-    choice = choose_kernels(fp32, timer=lambda n, onednn: calls.append(n) or 1.0)
+    choice = choose_kernels(fp32, timer=lambda n, kernel: calls.append(n) or 1.0)
     assert choice.aten_max_tokens == 0 and "float32" in choice.reason and not calls  # nothing timed
 
 
@@ -78,7 +79,7 @@ def test_decoding_under_the_choice_equals_plain_decoding_under_it():
     # drafting decoder's output stays the plain decoder's (this tiny bf16 model has no near-tie here).
     prompt = [3, 17, 42, 9, 77, 5]
     loaded = bf16_tiny()
-    choose_kernels(loaded, sizes=(1, 2, 8), reps=1, timer=lambda n, onednn: (1.0 if onednn else 0.5) if n <= 2 else (0.5 if onednn else 1.0))
+    choose_kernels(loaded, sizes=(1, 2, 8), reps=1, timer=lambda n, kernel: (1.0 if kernel != "aten" else 0.5) if n <= 2 else (0.5 if kernel != "aten" else 1.0))
     seen = probe(loaded.model)
     try:
         plain = generate(loaded, make_sequences(loaded, [prompt], 24), num_sat=0)[0].output_ids
@@ -96,4 +97,63 @@ def test_engine_records_its_kernel_choice():
         kernels = engine.snapshot()["kernels"]
     finally:
         engine.stop()
-    assert kernels == {"aten_max_tokens": 0, "reason": "float32: one kernel family"}
+    assert kernels == {"aten_max_tokens": 0, "packed": False, "reason": "float32: one kernel family"}
+
+
+def test_packing_pays_only_when_faster_overall_and_nowhere_slower():
+    def t(onednn, packed):
+        return {n: {"onednn": o, "aten": 99.0, "packed": p} for n, (o, p) in enumerate(zip(onednn, packed), 1)}
+
+    assert packing_pays(t([50, 52, 60], [30, 35, 50]))
+    assert not packing_pays(t([50, 52, 60], [49, 51, 59]))  # within the margin: not worth a second copy
+    assert not packing_pays(t([50, 52, 60], [30, 35, 70]))  # slower by more than the margin at one size
+    assert not packing_pays({1: {"onednn": 50.0, "aten": 30.0}})  # not measured
+
+
+@pytest.mark.skipif(supported() != "", reason="oneDNN cannot pack bf16 weights on this CPU (it needs AVX-512 or AVX-NE-CONVERT)")
+def test_packed_layer_computes_the_linear_product():
+    layer = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64).to(torch.bfloat16)
+    packs = PackedLinears([layer])
+    with torch.no_grad():
+        plain = layer(x)
+        packs.on = True
+        packed = layer(x)
+    exact = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert packed.shape == plain.shape and packed.dtype == torch.bfloat16
+    assert torch.allclose(packed.float(), exact, atol=0.05, rtol=0.02)
+    with torch.enable_grad():  # autograd never sees the packed product
+        assert torch.equal(layer(x), plain)
+    packs.remove()
+    assert "forward" not in layer.__dict__ and not hasattr(layer, "_sdsat_packed")
+
+
+@pytest.mark.skipif(supported() != "", reason="oneDNN cannot pack bf16 weights on this CPU (it needs AVX-512 or AVX-NE-CONVERT)")
+def test_packed_choice_runs_wide_passes_on_packed_weights_and_decodes_as_plain():
+    prompt = [3, 17, 42, 9, 77, 5]
+    loaded = bf16_tiny()
+    fake = {1: {"onednn": 1.0, "aten": 0.5, "packed": 0.6}, 8: {"onednn": 1.0, "aten": 2.0, "packed": 0.5}}
+    choice = choose_kernels(loaded, sizes=(1, 8), reps=1, timer=lambda n, kernel: fake[n][kernel])
+    assert choice.packed and choice.aten_max_tokens == 1 and choice.label() == "ATen <= 1 tokens, packed oneDNN above"
+    packs = loaded.model.__dict__["_sdsat_packs"]
+    seen = []
+    loaded.model.get_decoder().layers[0].register_forward_pre_hook(lambda m, a: seen.append(packs.on))
+    try:
+        plain = generate(loaded, make_sequences(loaded, [prompt], 24), num_sat=0)[0].output_ids
+        drafted = generate(loaded, make_sequences(loaded, [prompt], 24), num_sat=4, scheduler=Scheduler(lambda rows, q: 1.0))[0].output_ids
+    finally:
+        remove_kernel_choice(loaded.model)
+    assert False in seen and True in seen  # 1-token steps on ATen, wide passes on the packed weights
+    assert drafted == plain and len(plain) == 24
+    assert "_sdsat_packs" not in loaded.model.__dict__ and not packs.layers  # the copies are gone
+
+
+def test_packing_is_refused_where_memory_is_short_and_dropped_where_it_does_not_pay():
+    loaded = bf16_tiny()
+    packs, why = pack(loaded.model, available=1024)
+    assert packs is None and "exceeds 25% of the available memory" in why
+    flat = {n: {"onednn": 1.0, "aten": 1.0, "packed": 1.0} for n in (1, 8)}
+    choice = choose_kernels(loaded, sizes=(1, 8), reps=1, timer=lambda n, kernel: flat[n][kernel])
+    # where oneDNN cannot pack (an AVX2-only CPU) the record says so and nothing is packed
+    assert not choice.packed and choice.packing == (supported() or "measured: packing did not pay")
+    assert not any("forward" in m.__dict__ for m in loaded.model.modules())  # unpacked again

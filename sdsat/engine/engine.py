@@ -158,7 +158,7 @@ class Engine:
             "num_sat": self.num_sat,
             "lookup": self.config.lookup,
             "calibration_s": loop.calibration_s,
-            "kernels": {"aten_max_tokens": self.kernels.aten_max_tokens, "reason": self.kernels.reason},
+            "kernels": {"aten_max_tokens": self.kernels.aten_max_tokens, "packed": self.kernels.packed, "reason": self.kernels.reason},
             "scheduler": loop.scheduler.snapshot() if loop.scheduler is not None else None,
             "pass_cost": loop.scheduler.cost.ratios() if loop.scheduler is not None else None,
             "totals": totals,

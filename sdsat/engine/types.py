@@ -20,7 +20,7 @@ class EngineConfig:
     num_sat: int | None = None  # SATs a row may draft with; None: the model's trained k (or all its SATs), 0 without SATs
     lookup: int = 16  # prompt-lookup trie nodes a row may offer per pass (0: none); the scheduler picks how many
     calibration_budget_s: float = 8.0  # start-up measurement of pass costs (0: never draft)
-    kernel_choice: bool = True  # CPU bf16: measure oneDNN against ATen per pass width at start-up (~5 s) and use the faster
+    kernel_choice: bool = True  # CPU bf16: measure ATen, oneDNN and packed oneDNN per pass width at start-up (~8 s) and use the fastest
     max_new_tokens_limit: int = 2048
     max_queue: int = 256  # requests waiting beyond this are refused with EngineOverloaded
     kv_budget_bytes: int | None = None  # KV-cache bytes admission may fill (None: 90% of free GPU memory; CPU: no limit)
