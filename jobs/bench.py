@@ -16,7 +16,7 @@ On a CPU in bf16 both runs use the faster matmul kernel per pass width (``--kern
 sdsat/decode/kernels.py), so the baseline is the fastest plain decoding, not a slow kernel.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up; with the
 default decoder they run in lockstep (``--timing lockstep``, the default): one pass of the
-plain batch, one of the SDSAT batch, each timed alone, which goes first alternating by round,
+plain batch, one of the SDSAT batch, each timed alone, which goes first flipping every pair,
 so the machine's drift (on a shared 2-core VM, +-10% between consecutive 25-second runs)
 falls on both sides alike instead of on whichever run it hit. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
@@ -163,8 +163,10 @@ def _sampling(args, n: int, first: int) -> list[SamplingParams] | None:
 
 def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True):
     """One batch of prompts (counted from ``first``) decoded plainly and by the default decoder,
-    one pass of each in turn (the order within a pair: ``plain_first``), every pass timed
-    alone. Returns ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
+    one pass of each in turn, every pass timed alone. The order within a pair flips after
+    every pair (plain-SDSAT, SDSAT-plain, ...; the first: ``plain_first``): whatever the
+    second pass of a pair pays or saves for following the first falls on both sides alike.
+    Returns ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
     sampling = _sampling(args, len(chunk), first)
     seqs = {kind: make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop)) for kind in ("plain", "sdsat")}
     steps = {
@@ -180,6 +182,7 @@ def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int =
             seconds[kind] += time.perf_counter() - t0
             if done:
                 order.remove(kind)
+        order.reverse()
     return tuple(([q.output_ids for q in seqs[kind]], [q.stats for q in seqs[kind]], seconds[kind]) for kind in ("plain", "sdsat"))
 
 

@@ -43,3 +43,24 @@ def test_oracle_drafts_decode_whole_runs_against_each_batchs_plain_output(monkey
     assert r["identical"] and guessed["identical"]
     # drafts past a reference's end are wrong, so not all are accepted; random SATs guess almost none
     assert r["accept_rate"] > 0.75 and guessed["accept_rate"] < 0.25
+
+
+def test_lockstep_flips_which_side_goes_first_after_every_pair(monkeypatch):
+    """With a fixed order, the second of two identical plain batches measured slower; the
+    order flips after every pair, so whatever following costs falls on both sides alike."""
+    loaded = tiny_loaded("llama", k=5)
+    calls, stream = [], bench.stream
+
+    def recording(loaded, seqs, k, **kwargs):
+        kind = "sdsat" if "scheduler" in kwargs else "plain"
+        for step in stream(loaded, seqs, k, **kwargs):
+            calls.append(kind)
+            yield step
+
+    monkeypatch.setattr(bench, "stream", recording)
+    args = bench.parse_args(["--max-new-tokens", "8", "--num-sat", "5"])
+    prompt = [loaded.tokenizer.encode("abc abc abc")]
+    (plain, _, _), (sdsat, _, _) = bench.run_lockstep(loaded, prompt, args, 5, bench.Scheduler(lambda rows, q: 1.0), plain_first=False)
+    assert plain == sdsat  # fp32: exactly plain greedy
+    pairs = [tuple(calls[i : i + 2]) for i in range(0, 8, 2)]
+    assert pairs == [("sdsat", "plain"), ("plain", "sdsat"), ("sdsat", "plain"), ("plain", "sdsat")]
