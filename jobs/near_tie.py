@@ -4,8 +4,8 @@ near-tie threshold that jobs/bench.py judges bf16 divergences by.
     python jobs/near_tie.py --prompts mixed --new-tokens 96 --threads 2 --json results/near_tie_bf16.json
 
 For each prompt the fp32 model's greedy continuation is teacher-forced through the bf16 model
-four ways: 1-token steps and 6-token passes, each on oneDNN and on ATen matmuls
-(sdsat/decode/kernels.py). At every position, with a and b fp32's top two tokens, it records
+five ways: 1-token steps and 6-token passes, each on oneDNN and on ATen matmuls, and 6-token
+passes on oneDNN with packed weights where this CPU can pack them (sdsat/decode/kernels.py). At every position, with a and b fp32's top two tokens, it records
 the bf16 gap l[a] - l[b] of each variant. Two bf16 computations disagree on the argmax only
 where their gaps differ by more than the fp32 gap, so the spread of gap differences between
 variants (percentiles and maximum) bounds the fp32 margin at which a divergence can be rounding.
@@ -24,18 +24,22 @@ import torch  # noqa: E402
 from jobs.prompts import load_prompts  # noqa: E402
 from jobs.report import machine_info, write_json  # noqa: E402
 
-VARIANTS = {"1-token, oneDNN": (1, True), "1-token, ATen": (1, False), "6-token, oneDNN": (6, True), "6-token, ATen": (6, False)}
-PAIRS = (("1-token, ATen", "6-token, oneDNN"), ("1-token, oneDNN", "6-token, oneDNN"), ("1-token, ATen", "1-token, oneDNN"))
+VARIANTS = {"1-token, oneDNN": (1, "onednn"), "1-token, ATen": (1, "aten"), "6-token, oneDNN": (6, "onednn"), "6-token, ATen": (6, "aten"),
+            "6-token, packed oneDNN": (6, "packed")}
+PAIRS = (("1-token, ATen", "6-token, oneDNN"), ("1-token, oneDNN", "6-token, oneDNN"), ("1-token, ATen", "1-token, oneDNN"),
+         ("1-token, ATen", "6-token, packed oneDNN"))
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-def teacher_forced(model, ids: list[int], start: int, width: int, onednn: bool) -> torch.Tensor:
+def teacher_forced(model, ids: list[int], start: int, width: int, kernel: str, packs=None) -> torch.Tensor:
     """[len(ids) - start + 1, V] logits predicting ids[start:] and one more, from passes of
-    ``width`` tokens over a KV cache of the prefix ids[:start - 1]."""
+    ``width`` tokens over a KV cache of the prefix ids[:start - 1], on ``kernel``'s matmuls."""
     from transformers import DynamicCache
 
     before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = onednn
+    torch.backends.mkldnn.enabled = kernel != "aten"
+    if packs is not None:
+        packs.on = kernel == "packed"
     try:
         cache, out, pos = DynamicCache(), [], start - 1
         model(input_ids=torch.tensor([ids[:pos]]), past_key_values=cache, use_cache=True)
@@ -46,6 +50,8 @@ def teacher_forced(model, ids: list[int], start: int, width: int, onednn: bool) 
         return torch.cat(out)
     finally:
         torch.backends.mkldnn.enabled = before
+        if packs is not None:
+            packs.on = False
 
 
 def spread(values: list[float]) -> dict:
@@ -55,11 +61,17 @@ def spread(values: list[float]) -> dict:
 
 @torch.inference_mode()
 def measure(model_name: str, prompts: list[str], new_tokens: int) -> dict:
+    from sdsat.decode.packed import pack
     from sdsat.model.load import load_model
 
     f32, b16 = load_model(model_name, dtype="float32"), load_model(model_name, dtype="bfloat16")
-    error = {name: [] for name in VARIANTS}  # |bf16 gap - fp32 gap|
-    between = {pair: [] for pair in PAIRS}  # |gap of one bf16 variant - gap of another|
+    packs, why = pack(b16.model)
+    variants = {name: v for name, v in VARIANTS.items() if v[1] != "packed" or packs is not None}
+    pairs = [pair for pair in PAIRS if all(name in variants for name in pair)]
+    if packs is None:
+        print(f"no packed oneDNN variant: {why}")
+    error = {name: [] for name in variants}  # |bf16 gap - fp32 gap|
+    between = {pair: [] for pair in pairs}  # |gap of one bf16 variant - gap of another|
     for text in prompts:
         prompt = f32.tokenizer.encode(text)
         if len(prompt) < 2:
@@ -70,10 +82,10 @@ def measure(model_name: str, prompts: list[str], new_tokens: int) -> dict:
         top2 = ref.topk(2, -1).indices
         gap = lambda logits: (lambda g: g[:, 0] - g[:, 1])(logits.gather(1, top2))  # noqa: E731
         fp32_gap = gap(ref)
-        gaps = {name: gap(teacher_forced(b16.model, ids, len(prompt), w, on)[: ref.shape[0]]) for name, (w, on) in VARIANTS.items()}
+        gaps = {name: gap(teacher_forced(b16.model, ids, len(prompt), w, kernel, packs)[: ref.shape[0]]) for name, (w, kernel) in variants.items()}
         for name, g in gaps.items():
             error[name] += (g - fp32_gap).abs().tolist()
-        for a, b in PAIRS:
+        for a, b in pairs:
             between[(a, b)] += (gaps[a] - gaps[b]).abs().tolist()
     return {"error_vs_fp32": {k: spread(v) for k, v in error.items()},
             "gap_difference": {f"{a} vs {b}": spread(v) for (a, b), v in between.items()}}
