@@ -157,3 +157,17 @@ def test_packing_is_refused_where_memory_is_short_and_dropped_where_it_does_not_
     # where oneDNN cannot pack (an AVX2-only CPU) the record says so and nothing is packed
     assert not choice.packed and choice.packing == (supported() or "measured: packing did not pay")
     assert not any("forward" in m.__dict__ for m in loaded.model.modules())  # unpacked again
+
+
+def test_a_compiled_forward_is_not_packed():
+    from sdsat.decode.compiled import compile_decode
+
+    loaded = bf16_tiny()
+    compile_decode(loaded.model)  # compiles lazily, at the first call: none happens here
+    fake = {1: {"onednn": 1.0, "aten": 0.5, "packed": 0.1}, 8: {"onednn": 1.0, "aten": 2.0, "packed": 0.1}}
+    choice = choose_kernels(loaded, sizes=(1, 8), reps=1, timer=lambda n, kernel: fake[n][kernel])
+    try:
+        assert not choice.packed and choice.packing == "not packed: the model's forward is compiled"
+        assert not any("forward" in m.__dict__ for m in loaded.model.get_decoder().modules())
+    finally:
+        remove_kernel_choice(loaded.model)

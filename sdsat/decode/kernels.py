@@ -109,7 +109,10 @@ def choose_kernels(loaded, sizes=SIZES, reps: int = 3, timer=None, packer=pack) 
     why = applies(model)
     if why:
         return KernelChoice(reason=why)
-    packs, packing = packer(model)
+    if hasattr(model.forward, "_torchdynamo_orig_callable"):  # compile_decode: inductor packs its own
+        packs, packing = None, "not packed: the model's forward is compiled"
+    else:
+        packs, packing = packer(model)
     kernels = ("onednn", "aten", "packed") if packs is not None else ("onednn", "aten")
     timer = timer or _pass_timer(model, max(sizes), packs)
     times = {}
