@@ -16,7 +16,8 @@ On a CPU in bf16 both runs use the faster matmul kernel per pass width (``--kern
 sdsat/decode/kernels.py), so the baseline is the fastest plain decoding, not a slow kernel.
 Plain and SDSAT runs alternate batch by batch in one process, after a warm-up; with the
 default decoder they run in lockstep (``--timing lockstep``, the default): one pass of the
-plain batch, one of the SDSAT batch, each timed alone, which goes first flipping every pair,
+plain batch, one of the SDSAT batch, each timed alone, which goes first flipping every pair
+(each side's prefill and first token timed apart, as ``prefill_s``),
 so the machine's drift (on a shared 2-core VM, +-10% between consecutive 25-second runs)
 falls on both sides alike instead of on whichever run it hit. In fp32 the
 outputs must be identical; in bf16/fp16 a pass over k+1 tokens rounds differently from
@@ -161,13 +162,15 @@ def _sampling(args, n: int, first: int) -> list[SamplingParams] | None:
     return [SamplingParams(args.temperature, args.top_p, args.seed + first + i) for i in range(n)]
 
 
-def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True):
+def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int = 0, plain_first: bool = True, prefill_s: dict | None = None):
     """One batch of prompts (counted from ``first``) decoded plainly and by the default decoder,
     one pass of each in turn, every pass timed alone. The order within a pair flips after
     every pair (plain-SDSAT, SDSAT-plain, ...; the first: ``plain_first``): whatever the
     second pass of a pair pays or saves for following the first falls on both sides alike.
+    Each side's first call (prefill and first token) adds to ``prefill_s[side]``, not to its seconds.
     Returns ((plain outputs, stats, seconds), (SDSAT outputs, stats, seconds))."""
     sampling = _sampling(args, len(chunk), first)
+    prefill_s = {} if prefill_s is None else prefill_s
     seqs = {kind: make_sequences(loaded, chunk, args.max_new_tokens, stop=tuple(args.stop)) for kind in ("plain", "sdsat")}
     steps = {
         "plain": stream(loaded, seqs["plain"], 0, sampling=sampling),
@@ -175,6 +178,17 @@ def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int =
     }
     seconds = dict.fromkeys(steps, 0.0)
     order = ["plain", "sdsat"] if plain_first else ["sdsat", "plain"]
+    # Each side's first call (its prefill, cache allocation and first token) is timed apart,
+    # as ``prefill_s``: it is the same work on both sides, and in lockstep A/A probes (two
+    # identical plain batches, batch 16) the side that allocated second paid up to ~15% of
+    # its whole time more there; with it apart they measured 0.98-1.005x.
+    for kind in list(order):
+        t0 = time.perf_counter()
+        done = next(steps[kind], None) is None
+        prefill_s[kind] = prefill_s.get(kind, 0.0) + time.perf_counter() - t0
+        if done:
+            order.remove(kind)
+    order.reverse()  # the first calls were a pair too
     while order:
         for kind in list(order):
             t0 = time.perf_counter()
@@ -186,11 +200,11 @@ def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int =
     return tuple(([q.output_ids for q in seqs[kind]], [q.stats for q in seqs[kind]], seconds[kind]) for kind in ("plain", "sdsat"))
 
 
-def run_pair(loaded, chunk, args, k: int, scheduler: Scheduler, first: int, plain_first: bool, lockstep: bool, references):
+def run_pair(loaded, chunk, args, k: int, scheduler: Scheduler, first: int, plain_first: bool, lockstep: bool, references, prefill_s=None):
     """One batch decoded both ways: in lockstep, or as two whole runs in the given order (the
     oracle's references: ``references``, else this batch's plain run, which then goes first)."""
     if lockstep:
-        return run_lockstep(loaded, chunk, args, k, scheduler, first, plain_first)
+        return run_lockstep(loaded, chunk, args, k, scheduler, first, plain_first, prefill_s)
     sides = {}
     for kind in ("plain", "sdsat") if plain_first else ("sdsat", "plain"):
         if kind == "plain":
@@ -282,13 +296,14 @@ def main(argv=None) -> dict:
     diffs, matched = [], 0
     step = args.batch_size
     lockstep = args.timing == "lockstep" and not (args.two_step or args.oracle_drafts)
+    prefill_s = {"plain": 0.0, "sdsat": 0.0}  # lockstep: each side's first calls, timed apart
     for round_ in range(args.rounds):
         round_plain, round_sdsat, round_plain_s, round_sdsat_s = [], [], 0.0, 0.0
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
             # the oracle: round 0's plain outputs (round 0 runs each batch's plain run first)
             (out, stats, secs), (s_out, s_stats, s_secs) = run_pair(
-                loaded, chunk, args, k, scheduler, start, round_ % 2 == 0, lockstep, plain_out[start : start + step]
+                loaded, chunk, args, k, scheduler, start, round_ % 2 == 0, lockstep, plain_out[start : start + step], prefill_s
             )
             round_plain += out
             plain_stats += stats
@@ -331,7 +346,8 @@ def main(argv=None) -> dict:
         "oracle_drafts": args.oracle_drafts,
         "tree": args.tree or None,
         "decoder": "two-step" if args.two_step else "scheduled",
-        "timing": "lockstep" if lockstep else "alternating runs",
+        "timing": "lockstep, prefill apart" if lockstep else "alternating runs",
+        "prefill_s": {kind: round(v, 3) for kind, v in prefill_s.items()} if lockstep else None,
         "temperature": args.temperature,
         "top_p": args.top_p if args.temperature else None,
         "seed": args.seed if args.temperature else None,

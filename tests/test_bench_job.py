@@ -26,7 +26,8 @@ def _bench(monkeypatch, tmp_path, timing: str, *extra: str) -> dict:
 def test_lockstep_timing_decodes_as_separate_runs_do_and_times_both_sides(monkeypatch, tmp_path):
     lockstep = _bench(monkeypatch, tmp_path, "lockstep")
     runs = _bench(monkeypatch, tmp_path, "runs")
-    assert lockstep["timing"] == "lockstep" and runs["timing"] == "alternating runs"
+    assert lockstep["timing"] == "lockstep, prefill apart" and runs["timing"] == "alternating runs"
+    assert lockstep["prefill_s"]["plain"] > 0 and lockstep["prefill_s"]["sdsat"] > 0 and runs["prefill_s"] is None
     for r in (lockstep, runs):
         assert r["identical"] and r["token_match_rate"] == 1.0  # fp32: exactly plain greedy
         assert r["plain_tokens_per_s"] > 0 and r["sdsat_tokens_per_s"] > 0
