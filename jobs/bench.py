@@ -182,21 +182,16 @@ def run_lockstep(loaded, chunk, args, k: int, scheduler: Scheduler, first: int =
     # as ``prefill_s``: it is the same work on both sides, and in lockstep A/A probes (two
     # identical plain batches, batch 16) the side that allocated second paid up to ~15% of
     # its whole time more there; with it apart they measured 0.98-1.005x.
-    for kind in list(order):
-        t0 = time.perf_counter()
-        done = next(steps[kind], None) is None
-        prefill_s[kind] = prefill_s.get(kind, 0.0) + time.perf_counter() - t0
-        if done:
-            order.remove(kind)
-    order.reverse()  # the first calls were a pair too
+    into = prefill_s  # the first pair of calls; every later pair: ``seconds``
     while order:
         for kind in list(order):
             t0 = time.perf_counter()
             done = next(steps[kind], None) is None
-            seconds[kind] += time.perf_counter() - t0
+            into[kind] = into.get(kind, 0.0) + time.perf_counter() - t0
             if done:
                 order.remove(kind)
         order.reverse()
+        into = seconds
     return tuple(([q.output_ids for q in seqs[kind]], [q.stats for q in seqs[kind]], seconds[kind]) for kind in ("plain", "sdsat"))
 
 

@@ -36,11 +36,9 @@ def teacher_forced(model, ids: list[int], start: int, width: int, kernel: str, p
     ``width`` tokens over a KV cache of the prefix ids[:start - 1], on ``kernel``'s matmuls."""
     from transformers import DynamicCache
 
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = kernel != "aten"
-    if packs is not None:
-        packs.on = kernel == "packed"
-    try:
+    from sdsat.decode.kernels import using
+
+    with using(kernel, packs):
         cache, out, pos = DynamicCache(), [], start - 1
         model(input_ids=torch.tensor([ids[:pos]]), past_key_values=cache, use_cache=True)
         while pos < len(ids):
@@ -48,10 +46,6 @@ def teacher_forced(model, ids: list[int], start: int, width: int, kernel: str, p
             out.append(model(input_ids=torch.tensor([chunk]), past_key_values=cache, use_cache=True).logits[0].float())
             pos += len(chunk)
         return torch.cat(out)
-    finally:
-        torch.backends.mkldnn.enabled = before
-        if packs is not None:
-            packs.on = False
 
 
 def spread(values: list[float]) -> dict:

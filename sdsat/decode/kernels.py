@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -109,10 +110,7 @@ def choose_kernels(loaded, sizes=SIZES, reps: int = 3, timer=None, packer=pack) 
     why = applies(model)
     if why:
         return KernelChoice(reason=why)
-    if hasattr(model.forward, "_torchdynamo_orig_callable"):  # compile_decode: inductor packs its own
-        packs, packing = None, "not packed: the model's forward is compiled"
-    else:
-        packs, packing = packer(model)
+    packs, packing = packer(model)
     kernels = ("onednn", "aten", "packed") if packs is not None else ("onednn", "aten")
     timer = timer or _pass_timer(model, max(sizes), packs)
     times = {}
@@ -176,6 +174,22 @@ def remove_kernel_choice(model: torch.nn.Module, keep_packs: PackedLinears | Non
         packs.remove()
 
 
+@contextmanager
+def using(kernel: str, packs: PackedLinears | None = None):
+    """Run the block on one kernel: "aten", "onednn" or "packed" (oneDNN on ``packs``);
+    torch's setting is restored after it."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = kernel != "aten"
+    if packs is not None:
+        packs.on = kernel == "packed"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+        if packs is not None:
+            packs.on = False
+
+
 def _pass_timer(model: torch.nn.Module, longest: int, packs: PackedLinears | None = None):
     """Seconds of one decoder + LM head pass over n fresh tokens (the linear layers dominate;
     a short context keeps attention negligible, as in decoding at this model's sizes)."""
@@ -185,18 +199,10 @@ def _pass_timer(model: torch.nn.Module, longest: int, packs: PackedLinears | Non
 
     @torch.no_grad()
     def run(n: int, kernel: str) -> float:
-        before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = kernel != "aten"
-        if packs is not None:
-            packs.on = kernel == "packed"
-        try:
+        with using(kernel, packs):
             start = time.perf_counter()
             hidden = model.get_decoder()(input_ids=ids[:, :n], use_cache=False).last_hidden_state
             model.get_output_embeddings()(hidden[:, -1:])
             return time.perf_counter() - start
-        finally:
-            torch.backends.mkldnn.enabled = before
-            if packs is not None:
-                packs.on = False
 
     return run

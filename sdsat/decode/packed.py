@@ -57,12 +57,11 @@ class PackedLinears:
     def __init__(self, layers: list[torch.nn.Linear]):
         self.on = False
         self.layers = layers
-        self.nbytes = 0
-        for layer in layers:
-            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+        # every copy first, so that a layer oneDNN cannot pack leaves no layer changed
+        copies = [torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None) for layer in layers]
+        for layer, packed in zip(layers, copies):
             layer._sdsat_packed = packed
             layer.forward = partial(_forward, layer, self)  # an instance attribute: hooks still run
-            self.nbytes += layer.weight.numel() * layer.weight.element_size()
 
     def remove(self) -> None:
         """Give the layers back their own forward and free the copies."""
@@ -91,6 +90,8 @@ def available_memory() -> int | None:
 
 def pack(model: torch.nn.Module, available: int | None = None) -> tuple[PackedLinears | None, str]:
     """Pack the model's linear layers: (the packs, "") or (None, why not)."""
+    if hasattr(model.forward, "_torchdynamo_orig_callable"):  # compile_decode: inductor packs its own
+        return None, "not packed: the model's forward is compiled"
     layers = linears(model)
     if not layers:
         return None, "no bf16/fp16 linear layers on the CPU"
@@ -103,9 +104,5 @@ def pack(model: torch.nn.Module, available: int | None = None) -> tuple[PackedLi
         return None, why
     try:
         return PackedLinears(layers), ""
-    except RuntimeError as exc:  # a dtype or CPU oneDNN cannot pack for
-        for layer in layers:
-            if "forward" in layer.__dict__:
-                del layer.forward
-            layer.__dict__.pop("_sdsat_packed", None)
+    except RuntimeError as exc:  # a shape or dtype oneDNN cannot pack
         return None, f"not packed: {exc}".splitlines()[0]
