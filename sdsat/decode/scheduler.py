@@ -49,6 +49,8 @@ decoded so far, and each choice that looked and lost waits twice as long for its
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,7 +64,7 @@ REALISM_EMA = 0.05  # weight of a drafting pass in the realised/expected ratio
 PLAN_EMA = 0.1  # weight of a pass in the planning-time share
 SKIP_PER_SHARE = 0.005  # planning may be skipped one pass per this share of pass time it costs
 MAX_SKIP = 8
-BLOCK_EMA = 0.2  # weight of a pass in a block's extra time
+BLOCK_WINDOW = 9  # a block's extra time: the median over this many latest block passes
 MAX_GAP = 16  # explore_every passes: the longest wait between looks at one choice
 
 
@@ -241,13 +243,17 @@ class Scheduler:
         self.skip_rows: tuple[int, ...] = ()  # the rows (seq ids) the skipping was decided for
         self.skipped = 0
         self._draft_ratio = 0.0  # the latest plan's best drafting rate / plain rate
-        # rows -> EMA seconds a pass with a draft block takes beyond the cost model's time for
+        # rows -> seconds a pass with a draft block takes beyond the cost model's time for
         # its shape: the SAT adapter's hooks and the draft head run only in such passes (on a
         # 2-core CPU ~10 ms of a ~50 ms plain pass of the default model). A block pass teaches
         # the shape's cost its time less this extra. Never below 0: a block pass faster than
         # its shape's prediction says the shape was mispredicted (an unmeasured width at a
-        # large batch is assumed dear), which that pass's observation corrects
+        # large batch is assumed dear), which that pass's observation corrects. The median of
+        # the latest BLOCK_WINDOW passes' excess, not an average: one pass that a shared
+        # machine stalls for a few hundred ms moved an average (weight 0.2) to 82 ms, nearly
+        # two plain passes, and as the block then stopped running nothing brought it back
         self.block_extra: dict[int, float] = {}
+        self._block_overs: dict[int, deque] = {}
 
     # ---- choosing --------------------------------------------------------------------------
 
@@ -477,9 +483,9 @@ class Scheduler:
             self.end_realism = max(0.05, min(1.0, self._end_realised / self._end_expected))
         shape_s = seconds
         if any(p.block for p in plan.rows):  # what the block cost beyond the shape
-            over = seconds - self.cost.predict(len(rows), plan.width)
-            old = self.block_extra.get(len(rows))
-            self.block_extra[len(rows)] = max(0.0, over if old is None else old + BLOCK_EMA * (over - old))
+            overs = self._block_overs.setdefault(len(rows), deque(maxlen=BLOCK_WINDOW))
+            overs.append(seconds - self.cost.predict(len(rows), plan.width))
+            self.block_extra[len(rows)] = max(0.0, statistics.median(overs))
             shape_s = seconds - self.block_extra[len(rows)]
         # an exploring pass is the rare fresh look at its shape: it counts more
         self.cost.observe(len(rows), plan.width, shape_s, EXPLORE_WEIGHT if plan.explore else None)
