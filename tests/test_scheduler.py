@@ -261,8 +261,8 @@ class SatText:
         self.block, self.right = block, right
         self.chance, self.random = chance, random.Random(0)  # chance: that a block's guesses are right at all
 
-    def run(self, scheduler: Scheduler, cost, passes: int, block_s: float = 0.0, stalls: dict[int, float] = {}) -> int:
-        """Decode ``passes`` passes (a pass that runs a draft block takes block_s more; pass i
+    def run(self, scheduler: Scheduler, cost, passes: int, block_s: float = 0.0, stalls: dict[int, float] | None = None) -> int:
+        """Decode ``passes`` passes (a pass that runs a draft block takes block_s more; pass n
         stalls[n] more, as on a shared machine); returns the tokens emitted."""
         total = 0
         for n in range(passes):
@@ -278,7 +278,7 @@ class SatText:
                 good = min(self.right, left) if self.random.random() < self.chance else 0
                 self.pending[i] = TEXT[self.at[i] : self.at[i] + good] + [WRONG] * (left - good)
             total += sum(len(e) for e in emitted)
-            seconds = cost(len(rows), plan.width) + (block_s if any(rp.block for rp in plan.rows) else 0.0) + stalls.get(n, 0.0)
+            seconds = cost(len(rows), plan.width) + (block_s if any(rp.block for rp in plan.rows) else 0.0) + (stalls or {}).get(n, 0.0)
             scheduler.observe(plan, rows, emitted, seconds, list(range(len(rows))))
         return total
 
