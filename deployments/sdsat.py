@@ -46,8 +46,11 @@ class AppArgs(BaseModel):
         None, gt=0, description="KV-cache budget per replica in GB; admission waits while it is full (default: 90% of the GPU "
         "memory free after loading; no limit on CPU)."
     )
-    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per model replica (fractional allowed; <1 means 1 torch thread).")
-    router_cpus: float = Field(0.1, gt=0, description="CPUs reserved per router replica.")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per model replica (fractional allowed).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per model replica (default: Ray's OMP_NUM_THREADS, the floor of cpus_per_replica, at least 1)."
+    )
+    router_cpus: float = Field(0.1, ge=0, description="CPUs reserved per router replica (0: none, as for Serve's own proxy).")
     router_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
     max_batch_size: int = Field(16, ge=1, description="Most requests one engine decodes together.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a model replica holds at once (batch + its queue).")
@@ -115,6 +118,7 @@ def build_app(args: AppArgs | dict | None = None):
         gpus=gpus,
         kv_cache_gb=args.kv_cache_gb,
         compile=args.compile,
+        torch_threads=args.torch_threads,
     )
     options: dict = {
         "ray_actor_options": {"num_cpus": args.cpus_per_replica, "num_gpus": gpus},

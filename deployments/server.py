@@ -50,6 +50,7 @@ class ServerSettings:
     gpus: float = 0  # GPUs reserved per replica: > 0 loads the model on CUDA, 0 on the CPU
     kv_cache_gb: float | None = None  # KV-cache budget for admission (None: 90% of free GPU memory; CPU: none)
     compile: bool = False  # torch.compile the decode step (sdsat/decode/compiled.py)
+    torch_threads: int | None = None  # None: the process's (Ray sets OMP_NUM_THREADS from the replica's CPUs)
 
 
 def replica_device(gpus: float) -> str:
@@ -122,6 +123,8 @@ class RequestError(ValueError):
 class SDSATServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.loaded = load_for_serving(settings)
         if settings.compile:
             compile_decode(self.loaded.model)

@@ -4,11 +4,15 @@ Starts a local Ray cluster and the Serve app (deployments.sdsat), waits while th
 measures its pass costs (a few seconds, as every replica does at start), then sends the
 benchmark's mixed prompts (code, code edits, shell, SQL, prose, chat) with the stock
 ``openai`` client, each once with drafting off (num_sat=0) and once with SDSAT, prints the
-answers with speed and what was drafted and accepted, and shuts down what it started. The
-same prompts at the same length in ``jobs/bench.py --prompts mixed:N`` measure the decoder
-without HTTP.
+answers with speed and what was drafted and accepted, and shuts down what it started.
 
-    python jobs/demo.py [--model default] [--dtype bfloat16] [--prompts mixed:6] [--max-tokens 128] [--port 8000]
+The one replica decodes on all but one of the cores torch would use (at least one): the
+HTTP proxy, the router and the client need a core too, and OpenMP threads that share their
+cores with them stall (on 2 cores, plain decoding over HTTP ran at 8 tok/s on 2 threads and
+16 on 1). The ratio it prints is comparable with the bench command it prints last: the same
+prompts, length, dtype and threads, without HTTP.
+
+    python jobs/demo.py [--model default] [--dtype bfloat16] [--prompts mixed:6] [--max-tokens 128] [--threads N] [--port 8000]
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompts", default="mixed:6", help="as jobs/bench.py: mixed[:N], humaneval[:N] or a JSONL file")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the replica (0: one fewer than torch's default, at least 1)")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -52,6 +57,7 @@ def main() -> None:
 
     import openai
     import ray
+    import torch
     from ray import serve
 
     from deployments.sdsat import build_app
@@ -59,12 +65,15 @@ def main() -> None:
 
     prompts = load_prompts(args.prompts)
 
+    threads = args.threads or max(1, torch.get_num_threads() - 1)
     port = free_port(args.port)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        print(f"starting the SDSAT app for model {args.model!r} ({args.dtype}) on http://127.0.0.1:{port} ...")
-        serve.run(build_app({"model": args.model, "dtype": args.dtype, "cpus_per_replica": 1}), blocking=False)
+        print(f"starting the SDSAT app for model {args.model!r} ({args.dtype}, {threads} torch threads) on http://127.0.0.1:{port} ...")
+        app_args = {"model": args.model, "dtype": args.dtype, "torch_threads": threads,
+                    "cpus_per_replica": min(threads, ray.cluster_resources()["CPU"] - 0.1)}
+        serve.run(build_app(app_args), blocking=False)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
         wait_ready(client)
         model = client.models.list().data[0].id
@@ -101,6 +110,9 @@ def main() -> None:
         if not drafted:
             print("the scheduler verified no drafts: on this machine a wider pass costs more than drafts gain, "
                   "so SDSAT decoded plainly and the ratio above is noise around 1.00x")
+        print(f"(requests timed whole, prefill and HTTP included, on {engine['torch_threads']} torch thread(s); the decoder alone, "
+              f"prefill timed apart: python jobs/bench.py --model {args.model} --prompts {args.prompts} "
+              f"--max-new-tokens {args.max_tokens} --dtype {args.dtype} --threads {engine['torch_threads']})")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -243,15 +243,31 @@ def peer_section(results, base) -> list[str]:
     runs = [(p, d) for p, d in results if kind(d) == "peer"]
     if not runs:
         return []
-    out = ["## The peer: transformers' own prompt lookup (`jobs/bench_peer.py`)", ""]
+    out = ["## The peer: transformers' own prompt lookup (`jobs/bench_peer.py`)", "",
+           "Each peer run beside the default decoder's `jobs/bench.py` run at batch 1 on the same machine, dtype, "
+           "prompts and length (none where that was not measured). Each speed-up is against its own plain greedy "
+           "decoding, measured in the same run.", ""]
+    rows = []
     for path, d in runs:
-        out += [f"`{grouped(d)}`", ""]
-        out += table(["file", "machine", "model", "dtype", "kernels", "plain tok/s", "prompt lookup tok/s", "speedup"],
-                     [[link(path, base), machine(d), d["model"], d["dtype"], kernels(d) or "torch default",
-                       f"{d['plain_tokens_per_s']:.1f}",
-                       f"{d['prompt_lookup_tokens_per_s']:.1f}", f"**{d['speedup']:.2f}x**"]])
-        out.append("")
+        ours = peer_match(results, d)
+        rows.append([link(path, base), f"`{grouped(d)}`", machine(d), d["model"], d["dtype"], kernels(d) or "torch default",
+                     f"{d['plain_tokens_per_s']:.1f}", f"{d['prompt_lookup_tokens_per_s']:.1f}", f"**{d['speedup']:.2f}x**",
+                     f"{ours[1]['sdsat_tokens_per_s']:.1f}, **{ours[1]['speedup']:.2f}x** ({link(ours[0], base)})" if ours else "not measured"])
+    out += table(["file", "command", "machine", "model", "dtype", "kernels", "plain tok/s", "prompt lookup tok/s",
+                  "prompt lookup speed-up", "SDSAT tok/s, speed-up"], rows)
+    out.append("")
     return out
+
+
+def peer_match(results, peer: dict) -> tuple[Path, dict] | None:
+    """The default decoder's batch-1 bench run on the peer run's machine, dtype, prompts and length."""
+    for path, d in results:
+        if (kind(d) == "bench" and d.get("decoder") == "scheduled" and d.get("batch") == 1 and d.get("lookup")
+                and not d.get("temperature") and not d.get("oracle_drafts") and machine(d) == machine(peer)
+                and d["dtype"] == peer["dtype"] and d.get("prompts") == peer.get("prompts", "mixed")
+                and d.get("max_new_tokens") == peer.get("max_new_tokens")):
+            return path, d
+    return None
 
 
 def load_section(results, base) -> list[str]:

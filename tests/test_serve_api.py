@@ -42,7 +42,7 @@ def served(tmp_path_factory):
     common = {"dtype": "float32", "model_name": TINY, "max_tokens_limit": LIMIT, "router_cpus": 0.05}
     try:
         serve.run(build_app({"model": str(tiny), "cpus_per_replica": 0.5, **common}), name="tiny", route_prefix="/")
-        serve.run(build_app({"model": str(tiny), "cpus_per_replica": 0.1, "api_key": KEY, **common}), name="auth", route_prefix="/auth")
+        serve.run(build_app({"model": str(tiny), "cpus_per_replica": 0.1, "torch_threads": 2, "api_key": KEY, **common}), name="auth", route_prefix="/auth")
         serve.run(build_app({"model": str(faulty), "cpus_per_replica": 0.1, **common}), name="faulty", route_prefix="/faulty")
         serve.run(default_app, name="default", route_prefix="/default")
         base = f"http://127.0.0.1:{port}"
@@ -224,6 +224,13 @@ def test_server_healthy_after_bad_input(served):
         httpx.post(f"{served['base']}/v1/completions", content=body, headers={"content-type": "application/json"})
     assert httpx.get(f"{served['base']}/health", timeout=30).status_code == 200
     assert client(served["base"]).completions.create(model=TINY, prompt="still fine", max_tokens=4).usage.completion_tokens > 0
+
+
+def test_torch_threads_reach_the_replica(served):
+    # Ray gives a replica with under one CPU one OpenMP thread; torch_threads overrides that
+    # (jobs/demo.py gives its replica the bench's thread count this way).
+    assert stats("tiny")["engine"]["torch_threads"] == 1
+    assert stats("auth")["engine"]["torch_threads"] == 2
 
 
 def test_api_key(served):

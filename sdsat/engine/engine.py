@@ -14,6 +14,8 @@ import asyncio
 import threading
 from typing import AsyncIterator, Callable
 
+import torch
+
 from .loop import ActiveRequest, DecodeLoop, Inbox
 from .types import MAX_LOGPROBS, Chunk, EngineConfig, EngineError, EngineOverloaded, Request, StepMetrics
 from ..decode.generate import make_sequences
@@ -158,6 +160,7 @@ class Engine:
             "num_sat": self.num_sat,
             "lookup": self.config.lookup,
             "calibration_s": loop.calibration_s,
+            "torch_threads": torch.get_num_threads(),
             "kernels": {"aten_max_tokens": self.kernels.aten_max_tokens, "packed": self.kernels.packed, "reason": self.kernels.reason},
             "scheduler": loop.scheduler.snapshot() if loop.scheduler is not None else None,
             "pass_cost": loop.scheduler.cost.ratios() if loop.scheduler is not None else None,
