@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from jobs.report import machine_info, write_json  # noqa: E402
 
 # name -> settings over BASE; each changes one thing
-BASE = {"width": 1024, "depth": 1, "epochs": 1.0, "rows": None, "ce": 1.0, "kl": 0.0, "inputs": "hef", "lr": 1e-3}
+BASE = {"width": 1024, "depth": 1, "epochs": 1.0, "rows": None, "ce": 1.0, "kl": 0.0, "inputs": "hef", "lr": 1e-3, "extra": None}
 LEVERS = {
     "base": {},
     "kl": {"ce": 0.0, "kl": 1.0},
@@ -48,7 +48,12 @@ LEVERS = {
     "rows/4": {"rows": 0.25, "epochs": 4.0},
     "rows/2": {"rows": 0.5, "epochs": 2.0},
     "3 epochs": {"epochs": 3.0},
+    # with --extra ROWS.json (rows of other genres): added to the training rows, or in place of
+    # as many of them (the same number of rows, so only the genres change)
+    "+ extra rows": {"extra": "add"},
+    "extra in place": {"extra": "swap"},
 }
+NEEDS_EXTRA = ("+ extra rows", "extra in place")
 CANDIDATES = (64, 256, 1024)
 BATCH = 256
 
@@ -128,12 +133,26 @@ def accuracy(head, lm: torch.Tensor, banned: list[int], val: dict, num_sat: int)
     return {k: [round(a, 4) for a in v] for k, v in out.items()}
 
 
-def train(settings: dict, data: dict, lm: torch.Tensor, embed: torch.Tensor, banned: list[int], seed: int) -> Head:
-    torch.manual_seed(seed)
-    train_set = data["train"]
+def training_set(settings: dict, data: dict) -> dict[str, torch.Tensor]:
+    """The SAT positions a lever trains on: the first ``rows`` fraction of the training rows,
+    and with ``extra`` the extra rows added ("add") or in place of as many of the last
+    training rows ("swap"). Extra rows keep their own ``row`` numbers under ``"source"`` 1."""
+    train_set = dict(data["train"], source=torch.zeros_like(data["train"]["row"]))
     if settings["rows"] is not None:
         keep = train_set["row"] < int(settings["rows"] * (int(train_set["row"].max()) + 1))
         train_set = {k: v[keep] for k, v in train_set.items()}
+    if settings["extra"]:
+        extra = dict(data["extra"], source=torch.ones_like(data["extra"]["row"]))
+        if settings["extra"] == "swap":
+            keep = train_set["row"] <= int(train_set["row"].max()) - (int(extra["row"].max()) + 1)
+            train_set = {k: v[keep] for k, v in train_set.items()}
+        train_set = {k: torch.cat([train_set[k], extra[k]]) for k in train_set}
+    return train_set
+
+
+def train(settings: dict, data: dict, lm: torch.Tensor, embed: torch.Tensor, banned: list[int], seed: int) -> Head:
+    torch.manual_seed(seed)
+    train_set = training_set(settings, data)
     head = Head(lm.shape[1], settings["width"], settings["depth"], settings["inputs"], embed)
     opt = torch.optim.AdamW(head.parameters(), lr=settings["lr"], weight_decay=0.0)
     n = train_set["h"].shape[0]
@@ -167,37 +186,48 @@ def main(argv=None) -> dict:
     p.add_argument("--num-sat", type=int, default=5)
     p.add_argument("--train-rows", type=int, default=704)
     p.add_argument("--val-rows", type=int, default=64, help="the last rows of the file, never trained on")
+    p.add_argument("--val-file", default="", help="held-out rows from this file instead (all of it), e.g. the benchmark prompts' continuations")
+    p.add_argument("--extra", default="", help="rows of other genres for the levers '+ extra rows' and 'extra in place'")
     p.add_argument("--features", default="", help="cache file: read when it exists, else written")
-    p.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
+    p.add_argument("--levers", default="", help=f"comma-separated, of: {', '.join(LEVERS)} (default: all; the extra-row ones with --extra)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
-    unknown = [name for name in args.levers.split(",") if name not in LEVERS]
+    names = args.levers.split(",") if args.levers else [n for n in LEVERS if args.extra or n not in NEEDS_EXTRA]
+    unknown = [name for name in names if name not in LEVERS]
     if unknown:
         raise SystemExit(f"--levers: unknown {unknown}; choose from {list(LEVERS)}")
+    if not args.extra and set(names) & set(NEEDS_EXTRA):
+        raise SystemExit(f"--levers {sorted(set(names) & set(NEEDS_EXTRA))} need --extra ROWS.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     from sdsat.model.load import load_model
 
     loaded = load_model(args.model, dtype="bfloat16")
     rows = json.loads(Path(args.distilled).read_text())
-    if len(rows) < args.train_rows + args.val_rows:
-        raise SystemExit(f"--distilled has {len(rows)} rows, fewer than --train-rows + --val-rows = {args.train_rows + args.val_rows}")
+    held_out = json.loads(Path(args.val_file).read_text()) if args.val_file else None
+    needed = args.train_rows + (0 if held_out else args.val_rows)
+    if len(rows) < needed:
+        raise SystemExit(f"--distilled has {len(rows)} rows, fewer than the {needed} asked for")
     cache = Path(args.features) if args.features else None
     if cache is not None and cache.exists():
         data = torch.load(cache)
     else:
-        data = {"val": extract(loaded, rows[-args.val_rows:], args.num_sat, 1),
+        data = {"val": extract(loaded, held_out or rows[-args.val_rows:], args.num_sat, 1),
                 "train": extract(loaded, rows[: args.train_rows], args.num_sat, 0)}
+        if args.extra:
+            data["extra"] = extract(loaded, json.loads(Path(args.extra).read_text()), args.num_sat, 2)
         if cache is not None:
             torch.save(data, cache)
     lm = loaded.model.lm_head.weight.detach()
     embed = loaded.model.get_input_embeddings().weight.detach().float()
     banned = loaded.sat.unique_ids
     result = {"levers": {}, "base_settings": BASE, "samples": int(data["train"]["h"].shape[0]),
-              "train_rows": args.train_rows, "val_rows": args.val_rows, "model": args.model, "k": args.num_sat,
-              "distilled": Path(args.distilled).name, "machine": machine_info()}
-    for name in args.levers.split(","):
+              "train_rows": args.train_rows, "val_rows": len(held_out) if held_out else args.val_rows, "model": args.model,
+              "k": args.num_sat, "distilled": Path(args.distilled).name, "machine": machine_info(),
+              "val_file": Path(args.val_file).name if args.val_file else None, "extra": Path(args.extra).name if args.extra else None,
+              "extra_rows": int(data["extra"]["row"].max()) + 1 if "extra" in data else 0}
+    for name in names:
         settings = BASE | LEVERS[name]
         start = time.perf_counter()
         head = train(settings, data, lm, embed, banned, seed=0)

@@ -227,6 +227,17 @@ def test_chat_prompts_hold_none_of_the_benchmark_prompts():
     assert not any(text in prompt for text in chats for prompt in bench)
 
 
+def test_genre_prompts_hold_none_of_the_benchmark_prompts():
+    from jobs.genre_prompts import texts
+
+    bench = [json.loads(line)["prompt"] for line in open("jobs/data/mixed_prompts.jsonl")]
+    found = [text for text, _ in texts()]
+    assert len(set(found)) == len(found) >= 384
+    openings = {tuple(prompt.splitlines()[:2]) for prompt in bench}  # a shebang alone may repeat
+    assert not any(text in prompt or prompt in text for text in found for prompt in bench)
+    assert not any(tuple(text.splitlines()[:2]) in openings for text in found)
+
+
 def test_head_inputs_in_training_are_the_anchor_and_the_token_before_the_target():
     """For SAT i of anchor t the anchor feature sits at position t of the same row (the previous
     token, x_{t+i}, sits at the teacher's index: checked in tests/test_adapter.py)."""

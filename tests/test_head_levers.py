@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from jobs.head_levers import BASE, CANDIDATES, accuracy, extract, train
+from jobs.head_levers import BASE, CANDIDATES, accuracy, extract, train, training_set
 from tests.conftest import tiny_loaded
 
 K = 3
@@ -48,3 +48,19 @@ def test_a_lever_run_reports_accuracy_per_offset_and_learns():
                        loaded.sat.unique_ids, data["val"], K)
     assert set(trained) == {"full", "sat", *(f"top{m}" for m in CANDIDATES)} and all(len(v) == K for v in trained.values())
     assert sum(trained["full"]) > sum(fresh["full"])  # on the rows it trained on, it learned them
+
+
+def test_extra_rows_are_added_or_take_the_place_of_as_many_training_rows():
+    loaded = tiny_loaded(k=K)
+    data = {"train": extract(loaded, _rows(8), K, seed=0), "extra": extract(loaded, _rows(3, 30), K, seed=2)}
+
+    def rows_of(selected: dict) -> set[tuple[int, int]]:
+        return set(zip(selected["source"].tolist(), selected["row"].tolist()))
+
+    base = rows_of(training_set(BASE, data))
+    added = rows_of(training_set(BASE | {"extra": "add"}, data))
+    swapped = rows_of(training_set(BASE | {"extra": "swap"}, data))
+    extra = {(1, r) for r in range(3)}
+    assert base == {(0, r) for r in range(8)}
+    assert added == base | extra
+    assert swapped == {(0, r) for r in range(5)} | extra and len(swapped) == len(base)

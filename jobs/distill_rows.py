@@ -1,0 +1,52 @@
+"""Self-distilled rows for jobs/head_levers.py: prompts followed by the base model's greedy continuation.
+
+    python jobs/distill_rows.py --prompts configs/data/genre_prompts.json --out ROWS.json
+    python jobs/distill_rows.py --prompts mixed --max-new-tokens 128 --out BENCH_ROWS.json
+
+--prompts: a JSON file of token-id lists (configs/data/*_prompts.json, as fine-tuning's
+``distill_prompts``) or a benchmark prompt set (mixed[:N], humaneval[:N], a JSONL file, as
+jobs/bench.py takes). Writes a JSON list of token-id lists (prompt + continuation), the
+format of fine-tuning's ``distill_cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from jobs.prompts import load_prompts
+from sdsat.model.load import load_model
+from sdsat.training.data import self_distill
+from sdsat.training.distill import read_prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="default-base")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, dtype=args.dtype)
+    if args.prompts.endswith(".json"):
+        prompts = read_prompts(args.prompts)
+    else:
+        prompts = [loaded.tokenizer.encode(text) for text in load_prompts(args.prompts)]
+    rows = self_distill(loaded, prompts, args.max_new_tokens, batch_size=args.batch_size)
+    Path(args.out).write_text(json.dumps(rows))
+    print(f"{len(rows)} rows written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
