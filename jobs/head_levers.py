@@ -1,6 +1,12 @@
 """Draft-head levers, measured on cached features: what each one moves per-offset accuracy.
 
     python jobs/head_levers.py --distilled ROWS.json --json results/head_levers.json
+    python jobs/head_levers.py --distilled ROWS.json --val-file BENCH_ROWS.json --extra GENRE_ROWS.json \
+        --levers "base,+ extra rows,extra in place" --json results/head_levers_genres.json
+
+BENCH_ROWS.json and GENRE_ROWS.json come from jobs/distill_rows.py (the benchmark prompts'
+continuations; configs/data/genre_prompts.json's). The second run asks whether rows in other
+genres move acceptance on prompts none of the rows came from.
 
 ROWS.json: the rows the head recipe distils, written by
 ``python jobs/finetune.py --config configs/finetune_head.yaml --distill-cache ROWS.json``

@@ -325,8 +325,10 @@ def levers_section(results, base) -> list[str]:
                  " ".join(f"{x:.2f}" for x in r["full"]), *(" ".join(f"{x:.2f}" for x in r[key]) for key in tops)]
                 for name, r in d["levers"].items()]
         sat = " ".join(f"{x:.2f}" for x in next(iter(d["levers"].values()))["sat"])
-        out += [f"{link(p, base)}: {d['train_rows']} training rows ({d['samples']} SAT positions), {d['val_rows']} held-out "
-                f"rows of {d['distilled']}, model `{d['model']}`, k = {d['k']}, {machine(d)}. The SATs alone: {sat}.", ""]
+        held_out = f"all {d['val_rows']} rows of {d['val_file']}" if d.get("val_file") else f"{d['val_rows']} held-out rows of {d['distilled']}"
+        extra = f"; extra rows: {d['extra_rows']} of {d['extra']}" if d.get("extra") else ""
+        out += [f"{link(p, base)}: {d['train_rows']} training rows of {d['distilled']} ({d['samples']} SAT positions){extra}; "
+                f"scored on {held_out}; model `{d['model']}`, k = {d['k']}, {machine(d)}. The SATs alone: {sat}.", ""]
         out += table(["lever", "settings", "whole vocabulary", *(f"among SAT top {k[3:]}" for k in tops)], rows)
         out += ["", f"Command: `{grouped(d)}`", ""]
     return out
