@@ -105,12 +105,7 @@ def main() -> None:
         plain_tps = totals["plain"][0] / totals["plain"][1]
         sdsat_tps = totals["sdsat"][0] / totals["sdsat"][1]
         print("=" * 72)
-        speeds = f"over HTTP, batch 1, {args.dtype}: plain {plain_tps:.1f} tok/s, SDSAT {sdsat_tps:.1f} tok/s"
-        if drafted:
-            print(f"{speeds} ({sdsat_tps / plain_tps:.2f}x); {accepted} of {drafted} verified draft nodes accepted")
-        else:  # no speed-up claim: the two differ by noise only
-            print(f"{speeds}; the scheduler verified no drafts: on this machine a wider pass costs more than drafts "
-                  "gain, so SDSAT decoded plainly")
+        print(summary_line(args.dtype, plain_tps, sdsat_tps, accepted, drafted))
         print(f"(requests timed whole, prefill and HTTP included, on {engine['torch_threads']} torch thread(s); the decoder alone, "
               f"prefill timed apart: python jobs/bench.py --model {args.model} --prompts {args.prompts} "
               f"--max-new-tokens {args.max_tokens} --dtype {args.dtype} --threads {engine['torch_threads']})")
@@ -118,6 +113,15 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         print("Serve and the local Ray cluster are shut down.")
+
+
+def summary_line(dtype: str, plain_tps: float, sdsat_tps: float, accepted: int, drafted: int) -> str:
+    """The demo's verdict. With no drafts verified there is no speed-up to claim: the two
+    speeds differ by noise only, so no ratio is printed."""
+    speeds = f"over HTTP, batch 1, {dtype}: plain {plain_tps:.1f} tok/s, SDSAT {sdsat_tps:.1f} tok/s"
+    if drafted:
+        return f"{speeds} ({sdsat_tps / plain_tps:.2f}x); {accepted} of {drafted} verified draft nodes accepted"
+    return f"{speeds}; the scheduler verified no drafts: on this machine a wider pass costs more than drafts gain, so SDSAT decoded plainly"
 
 
 def drafts_line(stats: dict) -> str:

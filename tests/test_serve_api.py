@@ -228,7 +228,7 @@ def test_server_healthy_after_bad_input(served):
 
 def test_torch_threads_reach_the_replica(served):
     # Ray gives a replica with under one CPU one OpenMP thread; torch_threads overrides that
-    # (jobs/demo.py gives its replica the bench's thread count this way).
+    # (jobs/demo.py sets its replica's threads this way).
     assert stats("tiny")["engine"]["torch_threads"] == 1
     assert stats("auth")["engine"]["torch_threads"] == 2
 
