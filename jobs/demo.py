@@ -9,7 +9,7 @@ answers with speed and what was drafted and accepted, and shuts down what it sta
 The one replica decodes on all but one of the cores torch would use (at least one): the
 HTTP proxy, the router and the client need a core too, and OpenMP threads that share their
 cores with them stall (on 2 cores, plain decoding over HTTP ran at 8 tok/s on 2 threads and
-16 on 1). The ratio it prints is comparable with the bench command it prints last: the same
+15 on 1). The ratio it prints is comparable with the bench command it prints last: the same
 prompts, length, dtype and threads, without HTTP.
 
     python jobs/demo.py [--model default] [--dtype bfloat16] [--prompts mixed:6] [--max-tokens 128] [--threads N] [--port 8000]
@@ -60,7 +60,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from deployments.sdsat import build_app
+    from deployments.sdsat import AppArgs, build_app
     from jobs.prompts import load_prompts
 
     prompts = load_prompts(args.prompts)
@@ -72,7 +72,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"starting the SDSAT app for model {args.model!r} ({args.dtype}, {threads} torch threads) on http://127.0.0.1:{port} ...")
         app_args = {"model": args.model, "dtype": args.dtype, "torch_threads": threads,
-                    "cpus_per_replica": min(threads, ray.cluster_resources()["CPU"] - 0.1)}
+                    "cpus_per_replica": min(threads, ray.cluster_resources()["CPU"] - AppArgs.model_fields["router_cpus"].default)}
         serve.run(build_app(app_args), blocking=False)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
         wait_ready(client)
