@@ -23,12 +23,14 @@ from sdsat.model.load import load_model  # noqa: E402
 from sdsat.decode.stats import DecodeStats  # noqa: E402
 
 
-def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int) -> dict:
-    """SDSAT-decode each prompt (batch 1) and sum the decoding statistics."""
+def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int, tree: str | None = None) -> dict:
+    """SDSAT-decode each prompt (batch 1) and sum the decoding statistics. tree: verify this
+    draft tree (sdsat.decode.tree; with a draft head every branch is chained through it)
+    instead of the chain of top-1 drafts."""
     total = DecodeStats()
     for text in prompts:
         seqs = make_sequences(loaded, [loaded.tokenizer.encode(text)], max_new_tokens)
-        generate(loaded, seqs, num_sat, two_step=True)
+        generate(loaded, seqs, num_sat, tree=tree, two_step=True)
         total.add(seqs[0].stats)
     iterations = max(total.iterations, 1)
     return {
@@ -37,6 +39,7 @@ def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int) ->
         "accept_rate_per_offset": total.accept_rate_per_offset,
         "iterations": total.iterations,
         "new_tokens": total.new_tokens,
+        "verified_per_iteration": total.drafted / iterations,
     }
 
 
@@ -48,6 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-head", action="store_true", help="ignore the model's draft head: the SATs' own guesses")
+    p.add_argument("--tree", default="", help="verify a draft tree, e.g. 4,2,1,1,1 or a jobs/tree_search.py spec (depth <= --num-sat); none: the chain")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
@@ -58,8 +62,8 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model, dtype=args.dtype)
     if args.no_head and remove_head(loaded.model) is not None:
         loaded.sat.head = {}
-    result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens)
-    result.update(machine=machine_info(), model=args.model, sats=sat_info(loaded), prompts=args.prompts, k=args.num_sat, dtype=args.dtype)
+    result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens, args.tree or None)
+    result.update(machine=machine_info(), model=args.model, sats=sat_info(loaded), prompts=args.prompts, k=args.num_sat, dtype=args.dtype, tree=args.tree or None)
     rates = " ".join(f"{r:.2f}" for r in result["accept_rate_per_offset"])
     print(f"tau {result['tau']:.2f} | accepted/iteration {result['accepted_per_iteration']:.2f} | per offset {rates}")
     if args.json:

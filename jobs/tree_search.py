@@ -4,7 +4,8 @@
         --sizes 4,8,12,18 --json results/tree_search.json
 
 Decodes the prompts with plain greedy, then runs one draft pass after every prefix of each
-output and records, per depth, the rank of the true token among the SAT logits. For each
+output and records, per depth, the rank of the true token among the SAT logits (with a draft
+head: among the head's guesses given the true token before it, as its trees draft). For each
 size it prints the best tree (sdsat.decode.tree.best_tree) and the accepted drafts per draft pass
 it would give on these positions, next to the chain's; pass a spec to bench.py --tree.
 Every position counts, while decoding drafts right after a rejection, so the estimate is
@@ -27,6 +28,7 @@ from jobs.report import write_json  # noqa: E402
 from sdsat.decode.decoding import forward, prefill  # noqa: E402
 from sdsat.decode.generate import generate, make_sequences  # noqa: E402
 from sdsat.decode.kv_cache import SlotCache  # noqa: E402
+from sdsat.model.draft_head import get_head, top_candidates  # noqa: E402
 from sdsat.model.load import load_model  # noqa: E402
 from sdsat.decode.tree import DraftTree, best_tree, true_token_ranks  # noqa: E402
 
@@ -62,7 +64,15 @@ def rank_paths(loaded, sequences: list[list[int]], starts: list[int], k: int, ro
         input_ids = torch.cat([last[:, None], sat[None].expand(len(chunk), -1)], dim=1)  # [B, k+1]
         logits = forward(loaded.model, cache, input_ids)[:, 1:].float()  # [B, k, V]
         true = torch.tensor([seq[at + 1 : at + 1 + k] for seq, at in chunk], device=loaded.device)  # [B, k]
-        out += true_token_ranks(logits, true, banned).tolist()
+        head = get_head(loaded.model)
+        if head is None:
+            out += true_token_ranks(logits, true, banned).tolist()
+        else:  # the head's rank given the true token before: what its tree (DraftTree via the head) needs
+            first = torch.tensor([seq[at] for seq, at in chunk], device=loaded.device)
+            among = top_candidates(logits)
+            ranks = head.true_ranks(head.hidden[:, 1:], first, head.hidden[:, 0], true, banned, among).tolist()
+            reach = logits.shape[-1] if among is None else among.shape[-1]  # ranks past the candidates: no node
+            out += [path[: next((d for d, r in enumerate(path) if r >= reach), len(path))] for path in ranks]
     return out
 
 

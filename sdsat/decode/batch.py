@@ -212,7 +212,8 @@ class Batch:
                 emitted, self.last, _ = sdsat_tree_step(self.model, self.cache, self.last, sat, self.banned, tree, first)
                 per_depth = [tree.depths.count(d) for d in range(1, tree.depth + 1)]
                 self.counts = sat_counts(per_depth, [len(tokens) - 2 for tokens in emitted])
-        drafts = [(k, len(tokens) - 2, k) if k else None for tokens in emitted]
+        nodes = k if tree is None else tree.size - 1  # drafts verified per row
+        drafts = [(k, len(tokens) - 2, nodes) if k else None for tokens in emitted]
         return self._finish(emitted, drafts, 2 if k else 1, start, forward_before, tap)
 
     @torch.inference_mode()

@@ -24,6 +24,12 @@ Two ways to make a tree:
   ranks from depth 1 down; every prefix of a path is added too. :func:`best_tree` picks
   the paths from observed ranks of the true tokens (``jobs/tree_search.py``).
 Today's chain [y0, d_1..d_k] is the tree "1,1,...,1" (k ones).
+
+With a draft head (:mod:`sdsat.model.draft_head`) a node's rank is among the head's guesses
+given its parent's token (:meth:`DraftHead.tree`): the rank-r child of a node is the head's
+r-th best continuation of that node's path, so each branch is one consistent continuation
+and the rank-0 path is the head's chain. :func:`best_tree` then takes rank paths measured the
+same way (``jobs/tree_search.py`` with a headed model).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.draft_head import get_head, top_candidates
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
 from .row_tree import RowTrees, accept_rows
@@ -229,7 +236,8 @@ def sdsat_tree_step(
 
     Returns (emitted tokens per row: y0, accepted drafts, bonus; new ``last`` [B]; accepted
     node path per row). candidate_override(candidates [B, k, C]) -> candidates replaces the
-    draft candidates (oracle/garbage benchmarks).
+    draft candidates (oracle/garbage benchmarks; the SATs' own top-c, not the head's). With a
+    draft head and no override, the nodes are the head's guesses given their parents.
     """
     if sat_ids.numel() != tree.depth:
         raise ValueError(f"tree {tree.spec!r} has depth {tree.depth}; it needs k={tree.depth} SATs, got {sat_ids.numel()}")
@@ -238,10 +246,15 @@ def sdsat_tree_step(
     logits = forward(model, cache, input_ids)  # [B, k+1, V]
     cache.advance(1)  # keep `last`; the SAT keys beyond it are dropped
     y0 = greedy(logits[:, 0], banned)  # [B]
-    candidates = draft_candidates(logits[:, 1:], tree.width, banned)  # [B, k, C]
-    if candidate_override is not None:
-        candidates = candidate_override(candidates)
-    tokens = tree_candidates(y0, candidates, tree)  # [B, N]
+    head = get_head(model)
+    if head is not None and candidate_override is None:  # every branch chained through the head
+        tokens = head.tree(head.hidden[:, 1:], y0, head.hidden[:, 0], tree.parents, tree.depths, tree.ranks,
+                           banned, top_candidates(logits[:, 1:]))  # [B, N]
+    else:
+        candidates = draft_candidates(logits[:, 1:], tree.width, banned)  # [B, k, C]
+        if candidate_override is not None:
+            candidates = candidate_override(candidates)
+        tokens = tree_candidates(y0, candidates, tree)  # [B, N]
     t = tree.on(tokens.device)
     z = greedy(forward(model, cache, tokens, block_mask=t.ancestors, offsets=t.depths), banned)  # [B, N]
     paths, emitted, bonus = tree_accept(tokens, z, tree)

@@ -131,6 +131,81 @@ class DraftHead(torch.nn.Module):
                 out[r].append(token)
         return out
 
+    @torch.no_grad()
+    def tree(
+        self,
+        hidden: torch.Tensor,
+        first: torch.Tensor,
+        anchor: torch.Tensor,
+        parents: tuple[int, ...],
+        depths: tuple[int, ...],
+        ranks: tuple[int, ...],
+        banned: torch.Tensor | None,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The tokens of a draft tree guessed through the head: node j (depth d, rank r) is the
+        head's rank-r guess at SAT position d given its parent's token, so every branch is a
+        continuation of its own ancestors, not a draw from one list per depth. hidden [B, k, H]:
+        SAT hidden states; first [B]: the root's token (y0); anchor [B, H]; parents, depths,
+        ranks: the tree (sdsat.decode.tree.DraftTree, nodes in order of depth); candidates
+        [B, k, M]: each SAT position's own top tokens (None: the whole vocabulary).
+        Returns [B, N] node tokens; the rank-0 path is :meth:`chain`'s guesses."""
+        batch = first.shape[0]
+        tokens = torch.empty(batch, len(parents), dtype=torch.long, device=first.device)
+        tokens[:, 0] = first
+        for depth in range(1, max(depths) + 1):
+            nodes = [j for j, d in enumerate(depths) if d == depth]
+            owners = sorted({parents[j] for j in nodes})  # parents with children at this depth
+            width = max(ranks[j] for j in nodes) + 1
+            n = len(owners)
+            prev = tokens[:, owners].reshape(-1)  # [B*n], row-major: row b's parents together
+            h = hidden[:, depth - 1].repeat_interleave(n, dim=0)
+            among = None if candidates is None else candidates[:, depth - 1].repeat_interleave(n, dim=0)
+            logits = self.logits(h, prev, anchor.repeat_interleave(n, dim=0), among)
+            if banned is not None and banned.numel():
+                if among is None:
+                    logits = logits.index_fill(-1, banned, float("-inf"))
+                else:
+                    logits = logits.masked_fill(torch.isin(among, banned), float("-inf"))
+            top = logits.topk(width, dim=-1).indices
+            if among is not None:
+                top = among.gather(1, top)
+            top = top.view(batch, n, width)
+            slot = {p: i for i, p in enumerate(owners)}
+            for j in nodes:
+                tokens[:, j] = top[:, slot[parents[j]], ranks[j]]
+        return tokens
+
+    @torch.no_grad()
+    def true_ranks(
+        self,
+        hidden: torch.Tensor,
+        first: torch.Tensor,
+        anchor: torch.Tensor,
+        true: torch.Tensor,
+        banned: torch.Tensor | None,
+        candidates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rank of each true token among the head's guesses given the true token before it
+        (the rank its node needs in a :meth:`tree`): hidden [B, k, H], first [B] (the root's
+        token), anchor [B, H], true [B, k], candidates [B, k, M] -> [B, k]. A true token
+        outside its position's candidates gets rank M (no tree reaches it)."""
+        batch, k = true.shape
+        prev = torch.cat([first[:, None], true[:, :-1]], dim=1).reshape(-1)
+        among = None if candidates is None else candidates.reshape(batch * k, -1)
+        logits = self.logits(hidden.reshape(batch * k, -1), prev, anchor.repeat_interleave(k, dim=0), among).float()
+        if banned is not None and banned.numel():
+            mask = torch.isin(among, banned) if among is not None else torch.isin(torch.arange(logits.shape[-1], device=logits.device), banned)
+            logits = logits.masked_fill(mask, float("-inf"))
+        target = true.reshape(-1, 1)
+        if among is None:
+            ranks = (logits > logits.gather(1, target)).sum(-1)
+        else:
+            found = among == target
+            own = logits.masked_fill(~found, float("-inf")).max(-1, keepdim=True).values
+            ranks = torch.where(found.any(-1), (logits > own).sum(-1), torch.full_like(target[:, 0], among.shape[1]))
+        return ranks.view(batch, k)
+
     # --- storage ---
     def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
         from safetensors.torch import save_file
