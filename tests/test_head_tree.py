@@ -93,3 +93,62 @@ def test_decoding_with_a_head_tree_equals_plain_greedy(arch, spec, monkeypatch):
     assert calls  # the tree's tokens came from the head
     tree = DraftTree.parse(spec)
     assert all(s.stats.drafted == (tree.size - 1) * s.stats.iterations for s in seqs)  # every node counted as verified
+
+
+# --- The default decoder: the head's alternatives to the first pending draft ---------------------
+
+
+def test_a_fused_pass_offers_the_heads_next_best_guesses_beside_the_first_next_draft():
+    from sdsat.decode.fused import HEAD_ALTERNATIVES, RowNodes, fused_pass
+    from sdsat.decode.kv_cache import SlotCache
+    from sdsat.decode.decoding import prefill
+    from tests.test_draft_head import K
+
+    loaded, head = _headed()
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = list(loaded.sat.ids_for(K))
+    with torch.inference_mode():
+        cache = SlotCache.for_model(loaded.model, len(PROMPTS))
+        last = prefill(loaded.model, cache, PROMPTS, 0)
+        rows = [RowNodes([], [], K) for _ in PROMPTS]
+        alternatives = []
+        emitted, bonus, nxt, accepted = fused_pass(loaded.model, cache, last, rows, 1 + K, sat, banned, sat[0],
+                                                   next_alternatives=alternatives)
+        # nothing was accepted: the first next draft is block position 1's guess given the bonus
+        hidden = head.hidden
+        logits = loaded.model.lm_head(hidden[:, 1])
+        among = logits.topk(loaded.model.config.vocab_size, dim=-1).indices  # every token: the tiny vocabulary is under 256
+        ranked = _ranked(head, hidden[:, 1], bonus, hidden[:, 0], among, banned)
+    assert accepted == [0] * len(PROMPTS)
+    assert [row[0] for row in nxt] == ranked[:, 0].tolist()
+    assert alternatives == ranked[:, 1 : 1 + HEAD_ALTERNATIVES].tolist()
+
+
+def test_alternatives_are_scored_on_every_pass_and_valued_by_rank():
+    from sdsat.decode.scheduler import ALTERNATIVE, RowCandidates, Scheduler
+
+    scheduler = Scheduler(lambda rows, q: 1.0 + 0.01 * rows * q)
+    acc = scheduler.acceptance
+    for _ in range(50):  # rank 1 is the token that follows 40% of the time, rank 2 never
+        for first in (7, 7, 8, 9, 9):
+            acc.observe_alt([7, 5], first, lookup_right=False, with_lookup=False)
+    assert acc.alt_p(1, False) > 0.3 > 0.05 > acc.alt_p(2, False)
+    acc.observe_alt([7], 7, lookup_right=True, with_lookup=True)  # lookup already had it: no gain
+    assert acc.alt.hits[(False, 1, True)] < 1.0
+    values = scheduler.values(RowCandidates([3, 4], block=2, alternatives=[7, 5]))
+    alt = [v for v, source in values if source == ALTERNATIVE]
+    assert alt == sorted(alt, reverse=True) and len(alt) == 2 and alt[0] > 0.3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_scheduled_decoding_with_head_alternatives_equals_plain_greedy(arch):
+    from sdsat.decode.scheduler import Scheduler
+
+    loaded, _ = _headed(arch)
+    refs = [hf_greedy(loaded, p, NEW) for p in PROMPTS]
+    seqs = make_sequences(loaded, PROMPTS, NEW, eos=False)
+    scheduler = Scheduler(lambda rows, q: 1.0, explore_fraction=0.5, explore_every=3)  # every node is free: all are verified
+    scheduler.total_s = 1e9
+    generate(loaded, seqs, 4, lookup=0, scheduler=scheduler)
+    assert [s.output_ids for s in seqs] == refs
+    assert sum(scheduler.acceptance.alt.seen.values()) > 0  # alternatives were offered and scored

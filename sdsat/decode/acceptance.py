@@ -8,7 +8,10 @@ decayed counts, so they follow the text:
   a single 1-gram;
 - a SAT draft by its depth (offset from the root) and whether the row also had lookup
   drafts; it counts as right only where no verified lookup node was right at that depth, so
-  the estimate is what the SAT drafts add beside lookup.
+  the estimate is what the SAT drafts add beside lookup;
+- a draft head's alternative to the first SAT draft (its rank-r guess, a sibling of that
+  draft) by its rank, counted the same way. The token after the root is emitted by every
+  pass, so every offered alternative is scored, verified or not: no exploration needed.
 
 Lookup drafts cost nothing to make, so every trie is scored against the tokens that follow,
 offered or not (:func:`node_truth`): their estimates need no exploration.
@@ -80,12 +83,22 @@ class Acceptance:
 
     lookup: Rates = field(default_factory=Rates)  # (sampled, score bucket) -> P(right)
     sat: Rates = field(default_factory=Rates)  # (sampled, depth, row had lookup drafts) -> P(right where lookup was not)
+    alt: Rates = field(default_factory=Rates)  # (sampled, rank, row had lookup drafts) -> P(right where lookup was not)
 
     def lookup_p(self, score: float, sampled: bool = False) -> float:
         return self.lookup.rate((sampled, score_bucket(score)))
 
     def sat_p(self, depth: int, with_lookup: bool, sampled: bool = False) -> float:
         return self.sat.rate((sampled, depth, with_lookup))
+
+    def alt_p(self, rank: int, with_lookup: bool, sampled: bool = False) -> float:
+        return self.alt.rate((sampled, rank, with_lookup))
+
+    def observe_alt(self, alternatives: list[int], first: int, lookup_right: bool, with_lookup: bool, sampled: bool = False) -> None:
+        """A row's alternatives (ranks 1.., in order) against ``first``, the token the pass
+        emitted right after the root; lookup_right: a verified lookup node had it."""
+        for rank, token in enumerate(alternatives, 1):
+            self.alt.add((sampled, rank, with_lookup), token == first and not lookup_right)
 
     def observe_lookup(self, scores: list[float], right: list[bool | None], sampled: bool = False) -> None:
         for score, r in zip(scores, right):
@@ -101,4 +114,5 @@ class Acceptance:
             self.sat.add((sampled, depth, with_lookup), bool(right) and depth not in lookup_right_depths)
 
     def snapshot(self) -> dict:
-        return {"lookup_by_score_bucket": self.lookup.snapshot(), "sat_by_depth_with_lookup": self.sat.snapshot()}
+        return {"lookup_by_score_bucket": self.lookup.snapshot(), "sat_by_depth_with_lookup": self.sat.snapshot(),
+                "head_alternative_by_rank_with_lookup": self.alt.snapshot()}

@@ -139,6 +139,7 @@ class Batch:
         self.cache = SlotCache.for_model(model, 0)
         self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
         self.pending: dict[int, list[int]] = {}  # seq_id -> SAT drafts made by the last draft block
+        self.alternatives: dict[int, list[int]] = {}  # seq_id -> the draft head's other guesses for pending[0]
         # The token that pads a row's nodes to the pass's width: a SAT id, never accepted,
         # where the model has SATs (any token keeps the output exact).
         self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
@@ -188,7 +189,7 @@ class Batch:
         start = time.perf_counter()
         forward_before = self.cache.forward_seconds
         k = len(sat_ids)
-        self.pending = {}
+        self.pending, self.alternatives = {}, {}
         self.counts = DraftCounts()
         tap = LogprobTap.for_rows(self.sequences, self.banned)  # None unless a row asked for logprobs
         if k == 0:
@@ -232,7 +233,7 @@ class Batch:
         tap = LogprobTap.for_rows(self.sequences, self.banned)
         if self.scheduler.skipping(seq_ids):  # drafting does not pay here: plain, unplanned
             emitted = self._plain(tap)
-            self.pending = {}
+            self.pending, self.alternatives = {}, {}
             self.scheduler.observe_skipped(emitted, time.perf_counter() - start, seq_ids)
             self.last_plan = Plan([RowPlan() for _ in emitted], 1)
             return self._finish(emitted, [None] * len(emitted), 1, start, forward_before, tap)
@@ -242,17 +243,20 @@ class Batch:
         accepted = [0] * len(rows)
         if plan.plain:
             emitted = self._plain(tap)
-            self.pending = {}
+            self.pending, self.alternatives = {}, {}
             drafts = [None] * len(rows)
         else:
             nodes = [_nodes(row, p) for row, p in zip(rows, plan.rows)]
+            alternatives = []
             emitted, self.last, nxt, accepted = fused_pass(
                 self.model, self.cache, self.last, nodes, plan.width, list(sat_ids), self.banned, self.filler,
-                self._draw(), tap,
+                self._draw(), tap, alternatives,
             )
             self._spend(emitted)
             self.pending = {s.seq_id: n for s, n in zip(self.sequences, nxt) if n}
-            sat = [len(row.pending[: p.pending]) for row, p in zip(rows, plan.rows)]  # each row's SAT drafts come first
+            self.alternatives = {s.seq_id: a for s, a, n in zip(self.sequences, alternatives, nxt) if a and n}
+            # each row's SAT drafts come first: its pending chain, then the alternatives to its first draft
+            sat = [len(row.pending[: p.pending]) + len(row.alternatives[: p.alternatives]) for row, p in zip(rows, plan.rows)]
             self.counts = fused_counts([n.drafts for n in nodes], [n.parents for n in nodes], sat, accepted, emitted)
             drafts = [
                 (max(depths(n.parents)), a, len(n.drafts)) if n.drafts else None for n, a in zip(nodes, accepted)
@@ -274,7 +278,9 @@ class Batch:
             return RowCandidates(remaining=remaining)
         trie = Trie(*self._lookup(seq, min(lookup, room))) if lookup else Trie()
         pending = self.pending.get(seq.seq_id, [])[: min(cap, room)]
-        return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers, remaining=remaining)
+        alternatives = self.alternatives.get(seq.seq_id, []) if pending else []
+        return RowCandidates(pending, trie, min(cap, room), sampled=seq.seq_id in self.samplers, remaining=remaining,
+                             alternatives=alternatives)
 
     def _finish(self, emitted, drafts, passes: int, start: float, forward_before: float, tap: LogprobTap | None = None) -> list[StepEvent]:
         """Stats, logprobs and stopping rules for a step's emitted tokens; finished rows leave."""
@@ -320,6 +326,7 @@ class Batch:
         self.lookups = {i: index for i, index in self.lookups.items() if i in kept}
         self.samplers = {i: sampler for i, sampler in self.samplers.items() if i in kept}
         self.pending = {i: drafts for i, drafts in self.pending.items() if i in kept}
+        self.alternatives = {i: alts for i, alts in self.alternatives.items() if i in kept}
 
     def _plain(self, tap: LogprobTap | None = None) -> list[list[int]]:
         """One plain step for every row (greedy, or a draw); returns the token each row emitted."""
@@ -361,11 +368,14 @@ class Batch:
 
 
 def _nodes(row: RowCandidates, plan: RowPlan) -> RowNodes:
-    """The drafts a row verifies: its first ``plan.pending`` SAT drafts (a chain) and first
+    """The drafts a row verifies: its first ``plan.pending`` SAT drafts (a chain), its first
+    ``plan.alternatives`` alternatives to the first of them (under the root) and first
     ``plan.lookup`` trie nodes, then its draft block."""
     pending = row.pending[: plan.pending]
+    alternatives = row.alternatives[: plan.alternatives]
+    sat = pending + alternatives
     trie = row.lookup
-    parents = [i - 1 for i in range(len(pending))]
-    parents += [p if p < 0 else p + len(pending) for p in trie.parents[: plan.lookup]]
-    return RowNodes(pending + trie.tokens[: plan.lookup], parents, plan.block)
+    parents = [i - 1 for i in range(len(pending))] + [-1] * len(alternatives)
+    parents += [p if p < 0 else p + len(sat) for p in trie.parents[: plan.lookup]]
+    return RowNodes(sat + trie.tokens[: plan.lookup], parents, plan.block)
 

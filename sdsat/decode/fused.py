@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 
 from ..model.draft_head import get_head, top_candidates
+
+HEAD_ALTERNATIVES = 2  # siblings of a row's first next draft the head offers the scheduler (its ranks 1..2)
 from .decoding import forward, greedy
 from .kv_cache import SlotCache
 from .row_tree import accept_rows, row_trees
@@ -70,6 +72,7 @@ def fused_pass(
     filler: int,
     draw: Callable[..., torch.Tensor] | None = None,
     on_logits=None,
+    next_alternatives: list | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, list[list[int]], list[int]]:
     """One fused iteration over ``width`` query tokens per row. last [B]; rows[i]: row i's
     drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a token never
@@ -78,7 +81,9 @@ def fused_pass(
     where rows sample (:func:`sdsat.decode.sample_accept.sample_nodes`); the block's guesses stay
     argmaxes (greedy SAT drafts, one token per node). on_logits(logits, nodes, tokens): given
     the pass's logits and, per row, the accepted path's nodes and the emitted tokens
-    (:class:`sdsat.decode.logprobs.LogprobTap`).
+    (:class:`sdsat.decode.logprobs.LogprobTap`). next_alternatives: with a draft head, a list
+    that receives per row the head's next HEAD_ALTERNATIVES best guesses after the first of
+    its next drafts (siblings of that draft: the tokens a draft tree would verify beside it).
 
     Returns (emitted tokens per row: accepted drafts and the bonus; new ``last`` [B]; next SAT
     drafts per row: the block's guesses past what was accepted; accepted drafts per row).
@@ -107,25 +112,39 @@ def fused_pass(
     accepted = [len(p) - 1 for p in paths]
     head = get_head(model)
     if head is not None and any(r.block > a for r, a in zip(rows, accepted)):
-        nxt = _head_guesses(head, logits, rows, accepted, bonus, banned)
+        nxt, alternatives = _head_guesses(head, logits, rows, accepted, bonus, banned, next_alternatives is not None)
+        if next_alternatives is not None:
+            next_alternatives.extend(alternatives)
     else:
         guesses = z.tolist() if any(r.block for r in rows) else None
         nxt = []
         for i, (r, a) in enumerate(zip(rows, accepted)):
             start = 1 + len(r.drafts)  # e_j, at block position j, guesses the token j + 1 past the root
             nxt.append(guesses[i][start + a : start + r.block] if r.block else [])
+        if next_alternatives is not None:
+            next_alternatives.extend([] for _ in rows)
     return [row[1:] for row in emitted], bonus, nxt, accepted
 
 
-def _head_guesses(head, logits, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned) -> list[list[int]]:
+def _head_guesses(
+    head, logits, rows: list[RowNodes], accepted: list[int], bonus: torch.Tensor, banned, alternatives: bool = False
+) -> tuple[list[list[int]], list[list[int]]]:
     """The next SAT drafts through the draft head: for a row that accepted a drafts, block
     positions a.. guess one after another, the first conditioned on the bonus (the token
     just before its target), all on the root's hidden state (the block's anchor); each
-    guess among its block position's top tokens (:func:`top_candidates`)."""
+    guess among its block position's top tokens (:func:`top_candidates`). With
+    ``alternatives``, also per row the head's rank 1..HEAD_ALTERNATIVES guesses for the first
+    draft (none for a row without next drafts)."""
     counts = [max(r.block - a, 0) for r, a in zip(rows, accepted)]
     starts = [1 + len(r.drafts) + a for r, a in zip(rows, accepted)]
     width = head.hidden.shape[1]
     index = torch.tensor([[min(s + j, width - 1) for j in range(max(counts))] for s in starts], device=bonus.device)
     hidden = head.hidden.gather(1, index[..., None].expand(-1, -1, head.hidden.shape[-1]))  # [B, n, H]
     among = top_candidates(logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])))
-    return head.chain(hidden, bonus, head.hidden[:, 0], counts, banned, among)  # anchor: the root
+    chains = head.chain(hidden, bonus, head.hidden[:, 0], counts, banned, among)  # anchor: the root
+    if not alternatives:
+        return chains, [[] for _ in rows]
+    siblings = HEAD_ALTERNATIVES + 1  # a tree of depth 1: the chain's first guess and its siblings
+    tokens = head.tree(hidden[:, :1], bonus, head.hidden[:, 0], (-1,) + (0,) * siblings, (0,) + (1,) * siblings,
+                       (0,) + tuple(range(siblings)), banned, None if among is None else among[:, :1])
+    return chains, [row[2:] if n else [] for row, n in zip(tokens.tolist(), counts)]

@@ -1,13 +1,15 @@
 """The draft scheduler: before each pass, choose per row which drafts to verify.
 
 This is the decoder's policy; the mechanics of a pass live in :mod:`sdsat.decode.fused`.
-Each row offers three kinds of candidate nodes:
+Each row offers four kinds of candidate nodes:
 - its *pending* SAT drafts (made by the previous pass's draft block), a chain;
+- with a draft head, *alternatives* to the first pending draft: the head's rank 1, 2, ...
+  guesses for that token (siblings of it under the root, a draft tree's extra branches);
 - its prompt-lookup trie (:mod:`sdsat.decode.lookup`), best-scoring nodes first;
 - *block* positions: SATs run in this pass, whose guesses are the next pass's pending drafts.
 
 A candidate's value is the tokens it is expected to add (:mod:`sdsat.decode.acceptance`): a
-pending or lookup node its probability of being right; a block position half the value of
+pending, alternative or lookup node its probability of being right; a block position half the value of
 the draft it makes, since that draft takes a slot now and another when verified, at the
 depth it will have after the pending drafts this pass accepts (:func:`_block_values`). Every list
 is non-increasing in value and parents come first, so a row's best n nodes are the first ones
@@ -57,7 +59,7 @@ from typing import Callable
 from .acceptance import Acceptance, depths, node_truth
 from .cost import PassCost
 
-PENDING, LOOKUP, BLOCK = 0, 1, 2
+PENDING, LOOKUP, BLOCK, ALTERNATIVE = 0, 1, 2, 3
 EXPLORE_WIDTHS = (1, 2, 4, 8, 16, 32)  # an exploring pass tries the ones next to the best width (1: plain)
 EXPLORE_WEIGHT = 0.5  # of an exploring pass's time in its shape's average
 REALISM_EMA = 0.05  # weight of a drafting pass in the realised/expected ratio
@@ -83,6 +85,7 @@ class RowCandidates:
     drafting: bool = True  # False: this row verifies no drafts (its request asked for plain decoding)
     sampled: bool = False  # the row samples: its acceptance is estimated apart from greedy rows'
     remaining: int | None = None  # tokens the row may still emit, in a closed batch (None: rows may join)
+    alternatives: list[int] = field(default_factory=list)  # the draft head's rank 1.. guesses for pending[0]
 
 
 @dataclass
@@ -90,10 +93,11 @@ class RowPlan:
     pending: int = 0  # leading pending drafts to verify
     lookup: int = 0  # leading trie nodes to verify
     block: int = 0  # SAT positions to run
+    alternatives: int = 0  # leading alternatives to the first pending draft to verify
 
     @property
     def nodes(self) -> int:
-        return self.pending + self.lookup + self.block
+        return self.pending + self.lookup + self.block + self.alternatives
 
 
 @dataclass
@@ -269,6 +273,7 @@ class Scheduler:
             (PENDING, pending),
             (LOOKUP, [acc.lookup_p(s, kind) for s in row.lookup.scores]),
             (BLOCK, _block_values(pending, sat)),
+            (ALTERNATIVE, [acc.alt_p(r, with_lookup, kind) for r in range(1, len(row.alternatives) + 1)]),
         ):
             items += [(v, source) for v in _falling(vals)]
         items.sort(key=lambda item: -item[0])
@@ -386,7 +391,7 @@ class Scheduler:
     def _allocate(values, width: int, gain: float, seconds: float) -> Plan:
         plans, verifiable = [], 0.0
         for items in values:
-            counts = [0, 0, 0]
+            counts = [0, 0, 0, 0]
             verifiable += 1.0
             for v, source in items[: width - 1]:
                 counts[source] += 1
@@ -491,10 +496,13 @@ class Scheduler:
         self.cost.observe(len(rows), plan.width, shape_s, EXPLORE_WEIGHT if plan.explore else None)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
             trie = row.lookup
-            if rp.pending:
+            if rp.pending or row.alternatives:
                 offered = node_truth(trie.tokens[: rp.lookup], trie.parents[: rp.lookup], out)
                 right = {d for d, r in zip(depths(trie.parents[: rp.lookup]), offered) if r}
+            if rp.pending:
                 self.acceptance.observe_sat(row.pending[: rp.pending], out, right, bool(trie.tokens), row.sampled)
+            if row.alternatives and out:  # every pass emits the token after the root: all are scored
+                self.acceptance.observe_alt(row.alternatives, out[0], 1 in right, bool(trie.tokens), row.sampled)
             if trie.tokens:
                 self.watches.setdefault(seq_id, []).append(_Watch(trie, max(depths(trie.parents)), row.sampled))
             self._advance(seq_id, out)
