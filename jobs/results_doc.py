@@ -301,13 +301,25 @@ def acceptance_section(results, base) -> list[str]:
         return []
     out = ["## SAT drafts alone: the two-step iteration (`jobs/eval_acceptance.py`)", "",
            "SDSAT's own iteration (a draft pass, then a verify pass), no lookup drafts, batch 1. tau: new tokens per "
-           "iteration (2 + accepted drafts); per offset: the share of iterations whose first i drafts were all accepted.", ""]
+           "iteration (2 + accepted drafts); per offset: the share of iterations whose first i drafts were all accepted. "
+           "Drafts verified: per verify pass; the chain verifies k, a draft tree (`--tree`, with a draft head every branch "
+           "is the head's guess given its parent) one per node.", ""]
     rows = [[link(p, base), model_name(d["model"], d), (d.get("sats") or {}).get("weights") or "", d["prompts"], d["k"],
-             d["dtype"], f"**{d['tau']:.2f}**", " ".join(f"{x:.2f}" for x in d["accept_rate_per_offset"]), machine(d)]
+             d["dtype"], _tree_name(d), f"{d['verified_per_iteration']:.0f}" if "verified_per_iteration" in d else str(d["k"]),
+             f"**{d['tau']:.2f}**", " ".join(f"{x:.2f}" for x in d["accept_rate_per_offset"]), machine(d)]
             for p, d in runs]
-    out += table(["file", "model", "SAT weights", "prompts", "k", "dtype", "tau", "accepted per offset", "machine"], rows)
+    out += table(["file", "model", "SAT weights", "prompts", "k", "dtype", "drafts", "verified", "tau", "accepted per offset",
+                  "machine"], rows)
     out += ["", "Commands: " + "; ".join(f"`{grouped(d)}`" for _, d in runs), ""]
     return out
+
+
+def _tree_name(d: dict) -> str:
+    """"chain", or a draft tree's spec (long sparse specs by their node count)."""
+    spec = d.get("tree")
+    if not spec:
+        return "chain"
+    return spec if len(spec) <= 12 else f"tree of {spec.count(';') + 1} nodes"
 
 
 def levers_section(results, base) -> list[str]:

@@ -5,9 +5,10 @@ draft block rides along in the verify pass instead. One pass feeds, per row, at 
 relative to ``last`` (at position L, not yet in the cache):
 
 - the root, ``last`` (depth 0);
-- the row's drafts, a tree under the root: its pending SAT drafts p_1..p_c (a chain) and its
-  prompt-lookup trie (:mod:`sdsat.decode.lookup`), as many of each as the scheduler chose
-  (:mod:`sdsat.decode.scheduler`);
+- the row's drafts, a tree under the root: its pending SAT drafts p_1..p_c (a chain), with a
+  draft head its alternatives to p_1 (the head's next best guesses for that token, siblings
+  of p_1) and its prompt-lookup trie (:mod:`sdsat.decode.lookup`), as many of each as the
+  scheduler chose (:mod:`sdsat.decode.scheduler`);
 - the row's draft block sat_1..sat_b, a chain under the root: exactly the draft pass's SATs,
   seeing the cache, ``last`` and the SATs before them;
 - filler nodes under the root, so that every row has the pass's width.
