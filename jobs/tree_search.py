@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import write_json  # noqa: E402
+from jobs.report import machine_info, write_json  # noqa: E402
 from sdsat.decode.decoding import forward, prefill  # noqa: E402
 from sdsat.decode.generate import generate, make_sequences  # noqa: E402
 from sdsat.decode.kv_cache import SlotCache  # noqa: E402
@@ -97,7 +97,9 @@ def main(argv=None) -> dict:
     sequences = [p + s.output_ids for p, s in zip(prompts, plain)]
     observed = rank_paths(loaded, sequences, [len(p) for p in prompts], k, args.rows)
     chain = DraftTree.chain(k)
-    result = {"model": args.model, "k": k, "positions": len(observed), "chain": accepted_per_pass(chain, observed), "trees": []}
+    result = {"model": args.model, "k": k, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
+              "head": get_head(loaded.model) is not None, "positions": len(observed),
+              "chain": accepted_per_pass(chain, observed), "trees": [], "machine": machine_info()}
     log.info("%d positions; chain (%d nodes): %.3f accepted drafts per pass", len(observed), chain.size, result["chain"])
     for size in (int(s) for s in args.sizes.split(",")):
         tree = best_tree(observed, size)

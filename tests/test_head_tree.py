@@ -152,3 +152,28 @@ def test_scheduled_decoding_with_head_alternatives_equals_plain_greedy(arch):
     generate(loaded, seqs, 4, lookup=0, scheduler=scheduler)
     assert [s.output_ids for s in seqs] == refs
     assert sum(scheduler.acceptance.alt.seen.values()) > 0  # alternatives were offered and scored
+
+
+def test_tree_search_picks_trees_from_the_heads_ranks(tmp_path):
+    import json
+
+    from jobs import tree_search
+    from sdsat.model.draft_head import HeadConfig, attach_head
+    from sdsat.model.load import LoadedModel, load_model, save_model
+    from tests.conftest import tiny_model
+    from tests.test_draft_head import K, _randomize
+    from tests.test_finetune_config import tiny_tokenizer
+
+    save_model(LoadedModel(tiny_model(vocab=257), tiny_tokenizer(), None, "tiny", ""), tmp_path / "base")
+    loaded = load_model(str(tmp_path / "base"), add_sat=K)
+    _randomize(attach_head(loaded.model, HeadConfig(width=8)), seed=3)
+    save_model(loaded, tmp_path / "ckpt")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("abc abc abc", "hello world")))
+    result = tree_search.main(["--model", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--num-sat", str(K),
+                               "--max-new-tokens", "12", "--sizes", f"{K},8", "--dtype", "float32", "--device", "cpu"])
+    assert result["head"] and result["positions"] > 0
+    same_size, larger = result["trees"]
+    assert same_size["accepted_per_pass"] >= result["chain"]  # the chain is one of the trees of its size
+    assert larger["accepted_per_pass"] >= same_size["accepted_per_pass"]
+    assert DraftTree.parse(larger["spec"]).size == larger["nodes"] <= 9
