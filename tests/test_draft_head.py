@@ -126,17 +126,22 @@ def test_decoding_with_a_head_equals_plain_greedy(arch, mode):
     assert all(s.stats.new_tokens == NEW for s in seqs)
 
 
-def test_fused_next_drafts_are_the_two_step_chain():
-    """With nothing accepted, the fused pass's next drafts are the draft pass's chained drafts."""
-    loaded, _ = _headed()
-    _, drafts = _draft(loaded)
+def block_pass(loaded: LoadedModel, next_alternatives: list | None = None):
+    """A fused pass over PROMPTS with no drafts and a draft block of K SATs: its results."""
     banned = torch.tensor(loaded.sat.unique_ids)
     sat = list(loaded.sat.ids_for(K))
     with torch.inference_mode():
         cache = SlotCache.for_model(loaded.model, len(PROMPTS))
         last = prefill(loaded.model, cache, PROMPTS, 0)
         rows = [RowNodes([], [], K) for _ in PROMPTS]
-        _, _, nxt, accepted = fused_pass(loaded.model, cache, last, rows, 1 + K, sat, banned, sat[0])
+        return fused_pass(loaded.model, cache, last, rows, 1 + K, sat, banned, sat[0], next_alternatives=next_alternatives)
+
+
+def test_fused_next_drafts_are_the_two_step_chain():
+    """With nothing accepted, the fused pass's next drafts are the draft pass's chained drafts."""
+    loaded, _ = _headed()
+    _, drafts = _draft(loaded)
+    _, _, nxt, accepted = block_pass(loaded)
     assert accepted == [0] * len(PROMPTS)
     assert nxt == drafts.tolist()
 

@@ -99,21 +99,14 @@ def test_decoding_with_a_head_tree_equals_plain_greedy(arch, spec, monkeypatch):
 
 
 def test_a_fused_pass_offers_the_heads_next_best_guesses_beside_the_first_next_draft():
-    from sdsat.decode.fused import HEAD_ALTERNATIVES, RowNodes, fused_pass
-    from sdsat.decode.kv_cache import SlotCache
-    from sdsat.decode.decoding import prefill
-    from tests.test_draft_head import K
+    from sdsat.decode.fused import HEAD_ALTERNATIVES
+    from tests.test_draft_head import block_pass
 
     loaded, head = _headed()
     banned = torch.tensor(loaded.sat.unique_ids)
-    sat = list(loaded.sat.ids_for(K))
+    alternatives = []
+    _, bonus, nxt, accepted = block_pass(loaded, alternatives)
     with torch.inference_mode():
-        cache = SlotCache.for_model(loaded.model, len(PROMPTS))
-        last = prefill(loaded.model, cache, PROMPTS, 0)
-        rows = [RowNodes([], [], K) for _ in PROMPTS]
-        alternatives = []
-        emitted, bonus, nxt, accepted = fused_pass(loaded.model, cache, last, rows, 1 + K, sat, banned, sat[0],
-                                                   next_alternatives=alternatives)
         # nothing was accepted: the first next draft is block position 1's guess given the bonus
         hidden = head.hidden
         logits = loaded.model.lm_head(hidden[:, 1])
