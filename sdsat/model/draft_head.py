@@ -118,12 +118,7 @@ class DraftHead(torch.nn.Module):
             if len(keep) < live.numel():
                 live, prev = live[keep], prev[keep]
             among = None if candidates is None else candidates[live, step]
-            logits = self.logits(hidden[live, step], prev, anchor[live], among)
-            if banned is not None and banned.numel():
-                if among is None:
-                    logits = logits.index_fill(-1, banned, float("-inf"))
-                else:
-                    logits = logits.masked_fill(torch.isin(among, banned), float("-inf"))
+            logits = _ban(self.logits(hidden[live, step], prev, anchor[live], among), banned, among)
             prev = logits.argmax(dim=-1)
             if among is not None:
                 prev = among.gather(1, prev[:, None])[:, 0]
@@ -161,12 +156,7 @@ class DraftHead(torch.nn.Module):
             prev = tokens[:, owners].reshape(-1)  # [B*n], row-major: row b's parents together
             h = hidden[:, depth - 1].repeat_interleave(n, dim=0)
             among = None if candidates is None else candidates[:, depth - 1].repeat_interleave(n, dim=0)
-            logits = self.logits(h, prev, anchor.repeat_interleave(n, dim=0), among)
-            if banned is not None and banned.numel():
-                if among is None:
-                    logits = logits.index_fill(-1, banned, float("-inf"))
-                else:
-                    logits = logits.masked_fill(torch.isin(among, banned), float("-inf"))
+            logits = _ban(self.logits(h, prev, anchor.repeat_interleave(n, dim=0), among), banned, among)
             top = logits.topk(width, dim=-1).indices
             if among is not None:
                 top = among.gather(1, top)
@@ -193,10 +183,7 @@ class DraftHead(torch.nn.Module):
         batch, k = true.shape
         prev = torch.cat([first[:, None], true[:, :-1]], dim=1).reshape(-1)
         among = None if candidates is None else candidates.reshape(batch * k, -1)
-        logits = self.logits(hidden.reshape(batch * k, -1), prev, anchor.repeat_interleave(k, dim=0), among).float()
-        if banned is not None and banned.numel():
-            mask = torch.isin(among, banned) if among is not None else torch.isin(torch.arange(logits.shape[-1], device=logits.device), banned)
-            logits = logits.masked_fill(mask, float("-inf"))
+        logits = _ban(self.logits(hidden.reshape(batch * k, -1), prev, anchor.repeat_interleave(k, dim=0), among).float(), banned, among)
         target = true.reshape(-1, 1)
         if among is None:
             ranks = (logits > logits.gather(1, target)).sum(-1)
@@ -227,6 +214,16 @@ class DraftHead(torch.nn.Module):
         with torch.no_grad():
             for name, p in own.items():
                 p.copy_(tensors[name].to(p.dtype))
+
+
+def _ban(logits: torch.Tensor, banned: torch.Tensor | None, among: torch.Tensor | None) -> torch.Tensor:
+    """-inf at the banned tokens (the SATs): logits [N, V] over the vocabulary (among None) or
+    [N, M] over the token ids ``among`` [N, M]."""
+    if banned is None or not banned.numel():
+        return logits
+    if among is None:
+        return logits.index_fill(-1, banned, float("-inf"))
+    return logits.masked_fill(torch.isin(among, banned), float("-inf"))
 
 
 HEAD_CANDIDATES = 256  # tokens a decoding guess chooses among: the SAT's own top 256 (jobs/head_levers.py)
