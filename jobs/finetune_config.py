@@ -66,8 +66,9 @@ class FinetuneConfig(BaseModel):
     adapter_targets: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", min_length=1, description="train=sat_adapter: comma-separated names of the adapted linear layers of each decoder layer.")
     w_teacher: float = Field(1.0, ge=0, description="train=sat_adapter: weight of the CE of SAT i (anchor t) against the base model's own argmax at standard position t+i: the token verification accepts.")
     w_kl: float = Field(0.0, ge=0, description="train=sat_adapter: weight of KL(base distribution at t+i || SAT i's).")
-    draft_head: int = Field(0, ge=0, description="train=sat_adapter: width of a draft-coherence head's MLP (sdsat/model/draft_head.py: SAT i's guess conditioned on the token before it; decoding then drafts one guess after another); 0: no head. A head the model already has is replaced by a fresh one.")
+    draft_head: int = Field(0, ge=0, description="train=sat_adapter: width of a draft-coherence head's MLP (sdsat/model/draft_head.py: SAT i's guess conditioned on the token before it; decoding then drafts one guess after another); 0: no head. A head the model already has is replaced by a fresh one, unless keep_head.")
     w_head: float = Field(1.0, ge=0, description="train=sat_adapter with draft_head > 0: weight of the CE of the head's guess against the base model's argmax (the token verification accepts).")
+    keep_head: bool = Field(False, description="train=sat_adapter with draft_head > 0: continue training the draft head the loaded model already has (e.g. model=default, the shipped one; its width must equal draft_head) instead of a fresh one.")
     freeze_adapter: bool = Field(False, description="train=sat_adapter with draft_head > 0: keep the model's SAT adapter (e.g. model=default, the shipped one) as it is and train only the head; the SAT pass then runs without gradients.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     sat_lr: Optional[float] = Field(None, gt=0, description="Learning rate of the SAT embedding rows with train=sat_embeddings or sat_adapter (null: lr).")
@@ -117,6 +118,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError("train=sat_adapter needs w_teacher, w_kl, w_sat or (with draft_head) w_head > 0")
         if self.draft_head and self.train != "sat_adapter":
             raise ValueError(f"draft_head applies to train=sat_adapter, not train={self.train}")
+        if self.keep_head and not self.draft_head:
+            raise ValueError("keep_head continues the loaded model's draft head: it needs draft_head > 0 (its width)")
         if self.freeze_adapter and not (self.draft_head and self.w_head):
             raise ValueError("freeze_adapter trains only the draft head: it needs draft_head > 0 and w_head > 0")
         if self.fail_at_step is not None and self.fail_at_step > self.max_steps:

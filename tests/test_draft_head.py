@@ -21,6 +21,7 @@ from sdsat.model.sat import SATConfig
 from sdsat.training.distill import read_prompts
 from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
 from sdsat.training.rows import RowConfig, build_row
+from sdsat.training.setup import select_trainable
 from tests.conftest import hf_greedy, tiny_loaded, tiny_model, train_frozen
 from tests.test_finetune_config import tiny_tokenizer
 
@@ -174,6 +175,36 @@ def test_head_only_training_reaches_only_the_head_and_learns():
     first, metrics = train_frozen(loaded.model, batch, cfg, head.parameters(), "sdsat_head")
     assert metrics["loss"] < first["loss"] - 0.5
     assert sum(metrics["sat_acc"]) / K > sum(first["sat_acc"]) / K + 0.3
+
+
+def test_keep_head_continues_the_loaded_head_and_its_adapter():
+    cfg = {"train": "sat_adapter", "precision": "fp32", "model": "tiny", "draft_head": 32, "keep_head": True,
+           "seed": 0, "lr": 1e-3, "sat_lr": None, "weight_decay": 0.0}
+    loaded, head = _headed()
+    adapter = attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=4))
+    weights = {n: p.detach().clone() for n, p in head.named_parameters()}
+    select_trainable(loaded.model, loaded.sat.sat_ids, cfg)
+    assert get_head(loaded.model) is head  # the same head, weights untouched, and it trains
+    assert all(torch.equal(p, weights[n]) and p.requires_grad for n, p in head.named_parameters())
+    assert all(p.requires_grad for p in adapter.parameters())
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trainable and all("sdsat_head" in n or "sdsat_adapter" in n for n in trainable)
+
+    select_trainable(loaded.model, loaded.sat.sat_ids, {**cfg, "keep_head": False})
+    fresh = get_head(loaded.model)
+    assert fresh is not head and not fresh.fc2.weight.any()  # without keep_head: a fresh head
+    with pytest.raises(ValueError, match="no draft head of width 16 to continue \\(width 32\\)"):
+        select_trainable(loaded.model, loaded.sat.sat_ids, {**cfg, "draft_head": 16})
+    remove_head(loaded.model)
+    with pytest.raises(ValueError, match="no draft head of width 32 to continue \\(none\\)"):
+        select_trainable(loaded.model, loaded.sat.sat_ids, cfg)
+
+
+def test_keep_head_needs_a_head_width():
+    from jobs.finetune_config import load_config
+
+    with pytest.raises(ValueError, match="keep_head continues the loaded model's draft head"):
+        load_config(None, {"train": "sat_adapter", "keep_head": True})
 
 
 def test_head_loss_needs_a_head():

@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..model.adapter import AdapterConfig, attach_adapter, get_adapter
-from ..model.draft_head import HeadConfig, attach_head, remove_head
+from ..model.draft_head import HeadConfig, attach_head, get_head, remove_head
 from ..model.load import LoadedModel, load_model
 from ..model.sat import add_sat_tokens
 from .frozen_loss import FrozenLossConfig, frozen_loss
@@ -68,8 +68,8 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast
     sat_adapter: the base model is frozen (and, with precision=bf16 and cast_frozen, cast to
     bf16: it needs no fp32 master copy; under FSDP the mixed-precision policy casts instead); a SAT adapter (sdsat/model/adapter.py, fp32) trains, its SAT rows at
     sat_lr and its low-rank deltas at lr. Standard tokens then run without gradients.
-    With draft_head > 0 a fresh draft head (fp32, seeded) trains too, at lr; with
-    freeze_adapter only the head trains.
+    With draft_head > 0 a fresh draft head (fp32, seeded) trains too, at lr (with keep_head,
+    the loaded model's own head, in fp32); with freeze_adapter only the head trains.
     """
     if cfg["train"] == "full":
         for p in model.parameters():
@@ -96,7 +96,14 @@ def select_trainable(model: torch.nn.Module, sat_ids: list[int], cfg: dict, cast
         adapter.float()
         for p in adapter.parameters():
             p.requires_grad_(not cfg.get("freeze_adapter", False))
-        if cfg.get("draft_head", 0):
+        if cfg.get("draft_head", 0) and cfg.get("keep_head", False):
+            head = get_head(model)
+            if head is None or head.cfg.width != cfg["draft_head"]:
+                found = "none" if head is None else f"width {head.cfg.width}"
+                raise ValueError(f"keep_head: the model {cfg['model']!r} has no draft head of width "
+                                 f"{cfg['draft_head']} to continue ({found})")
+            head.float().requires_grad_(True)
+        elif cfg.get("draft_head", 0):
             remove_head(model)  # a fresh head, whatever the loaded model had
             torch.manual_seed(cfg["seed"])
             attach_head(model, HeadConfig(cfg.get("draft_head", 0))).requires_grad_(True)
