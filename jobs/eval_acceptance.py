@@ -10,17 +10,13 @@ that decide the speed-up. jobs/bench.py confirms with timings and exactness.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import machine_info, sat_info, write_json  # noqa: E402
-from sdsat.decode.generate import generate, make_sequences  # noqa: E402
-from sdsat.model.draft_head import remove_head  # noqa: E402
-from sdsat.model.load import load_model  # noqa: E402
-from sdsat.decode.stats import DecodeStats  # noqa: E402
+from jobs.prompts import load_prompts
+from jobs.report import machine_info, sat_info, write_json
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.model.draft_head import remove_head
+from sdsat.model.load import load_model
+from sdsat.decode.stats import DecodeStats
 
 
 def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int, tree: str | None = None) -> dict:

@@ -31,19 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from jobs.eval_plots import plot_all  # noqa: E402
-from jobs.report import machine_info, write_json  # noqa: E402
-from sdsat.decode.batch import Sequence  # noqa: E402
-from sdsat.decode.generate import default_scheduler, generate, make_sequences  # noqa: E402
-from sdsat.decode.stats import DecodeStats  # noqa: E402
-from sdsat.evaluation.gate import GateConfig, Verdict, held_out_texts, measure, run_gate, write_verdict  # noqa: E402
-from sdsat.evaluation.problems import load_problems  # noqa: E402
-from sdsat.evaluation.sandbox import network_namespace  # noqa: E402
-from sdsat.model.load import LoadedModel, load_model  # noqa: E402
+from jobs.eval_plots import plot_all
+from jobs.report import machine_info, write_json
+from sdsat.decode.batch import Sequence
+from sdsat.decode.generate import default_scheduler, generate, make_sequences
+from sdsat.decode.stats import DecodeStats
+from sdsat.evaluation.gate import GateConfig, Verdict, held_out_texts, measure, run_gate, write_verdict
+from sdsat.evaluation.problems import load_problems
+from sdsat.evaluation.sandbox import network_namespace
+from sdsat.model.load import LoadedModel, load_model
 
 log = logging.getLogger("evaluate")
 Decoder = Callable[[LoadedModel, list[Sequence]], None]

@@ -34,15 +34,13 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.bench import plain_continuation  # noqa: E402
-from sdsat.decode.compiled import compile_decode  # noqa: E402
-from sdsat.decode.decoding import forward, prefill  # noqa: E402
-from sdsat.decode.generate import generate, make_sequences, oracle_drafts  # noqa: E402
-from sdsat.decode.kv_cache import SlotCache  # noqa: E402
-from sdsat.model.load import LoadedModel  # noqa: E402
-from sdsat.model.sat import SATConfig  # noqa: E402
+from jobs.bench import plain_continuation
+from sdsat.decode.compiled import compile_decode
+from sdsat.decode.decoding import forward, prefill
+from sdsat.decode.generate import generate, make_sequences, oracle_drafts
+from sdsat.decode.kv_cache import SlotCache
+from sdsat.model.load import LoadedModel
+from sdsat.model.sat import SATConfig
 
 SHAPES = {  # LlamaConfig fields
     "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

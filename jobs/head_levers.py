@@ -32,16 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from jobs.report import machine_info, write_json  # noqa: E402
+from jobs.report import machine_info, write_json
 
 # name -> settings over BASE; each changes one thing
 BASE = {"width": 1024, "depth": 1, "epochs": 1.0, "rows": None, "ce": 1.0, "kl": 0.0, "inputs": "hef", "lr": 1e-3, "extra": None}

@@ -19,13 +19,11 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import machine_info, write_json  # noqa: E402
+from jobs.prompts import load_prompts
+from jobs.report import machine_info, write_json
 
 FALLBACK_PROMPTS = [
     "def fibonacci(n):\n",

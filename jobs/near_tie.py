@@ -14,15 +14,12 @@ variants (percentiles and maximum) bounds the fp32 margin at which a divergence 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import machine_info, write_json  # noqa: E402
+from jobs.prompts import load_prompts
+from jobs.report import machine_info, write_json
 
 VARIANTS = {"1-token, oneDNN": (1, "onednn"), "1-token, ATen": (1, "aten"), "6-token, oneDNN": (6, "onednn"), "6-token, ATen": (6, "aten"),
             "6-token, packed oneDNN": (6, "packed")}

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.prompts import load_prompts  # noqa: E402
-from jobs.report import machine_info, write_json  # noqa: E402
-from sdsat.decode.decoding import forward, prefill  # noqa: E402
-from sdsat.decode.generate import generate, make_sequences  # noqa: E402
-from sdsat.decode.kv_cache import SlotCache  # noqa: E402
-from sdsat.model.draft_head import get_head, top_candidates  # noqa: E402
-from sdsat.model.load import load_model  # noqa: E402
-from sdsat.decode.tree import DraftTree, best_tree, true_token_ranks  # noqa: E402
+from jobs.prompts import load_prompts
+from jobs.report import machine_info, write_json
+from sdsat.decode.decoding import forward, prefill
+from sdsat.decode.generate import generate, make_sequences
+from sdsat.decode.kv_cache import SlotCache
+from sdsat.model.draft_head import get_head, top_candidates
+from sdsat.model.load import load_model
+from sdsat.decode.tree import DraftTree, best_tree, true_token_ranks
 
 log = logging.getLogger("tree_search")
 
