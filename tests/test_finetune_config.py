@@ -85,9 +85,21 @@ def test_config_file_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("configs/finetune_default.yaml", "configs/finetune_artifact.yaml", "configs/finetune_7b_gpu.yaml",
-                 "configs/finetune_7b_adapter_ddp.yaml", "configs/finetune_7b_adapter_fsdp.yaml"):
+    from pathlib import Path
+
+    names = sorted(Path("configs").glob("finetune_*.yaml")) + sorted(Path("configs/experiments").glob("*.yaml"))
+    assert len(names) >= 7
+    for name in names:
         load_config(name)
+
+
+def test_the_artifact_stages_are_machine_independent():
+    for name in ("configs/finetune_artifact.yaml", "configs/finetune_head.yaml", "configs/finetune_continue.yaml"):
+        cfg = load_config(name)
+        assert cfg.max_minutes is None and cfg.precision == "bf16" and cfg.distill_dtype == "bfloat16", name
+        assert cfg.export_dir == "sdsat/model/artifacts/default" and cfg.distill_cache is None, name
+    stage3 = load_config("configs/finetune_continue.yaml")
+    assert stage3.model == "default" and stage3.keep_head and not stage3.freeze_adapter and stage3.draft_head == 1024
 
 
 def _cfg(model, **overrides):
