@@ -1,6 +1,7 @@
 """Write the chat half of the shipped artifact's distillation prompts.
 
     python jobs/chat_prompts.py [--out configs/data/chat_prompts.json] [--count 512]
+    python jobs/chat_prompts.py --out configs/data/chat_prompts_more.json --skip 512 --count 1072
 
 Instructions are built from fixed task templates and topics (no data download), rendered
 with the default model's chat template up to the assistant's turn, and saved as token ids:
@@ -82,12 +83,13 @@ def chat_prompt(tokenizer, instruction: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="configs/data/chat_prompts.json")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N (those of an earlier, smaller file: the list is a fixed order, so --skip 512 --count 1000 gives prompts 512..999)")
     parser.add_argument("--count", type=int, default=512)
     args = parser.parse_args(argv)
     from sdsat.model.load import load_model
 
     tokenizer = load_model("default-base").tokenizer
-    prompts = [list(map(int, chat_prompt(tokenizer, text))) for text in instructions(args.count)]
+    prompts = [list(map(int, chat_prompt(tokenizer, text))) for text in instructions(args.count)[args.skip :]]
     Path(args.out).write_text("[\n" + ",\n".join(json.dumps(p, separators=(",", ":")) for p in prompts) + "\n]\n")
     print(f"{len(prompts)} chat prompts written to {args.out}")
     return 0

@@ -2,8 +2,9 @@
 
     python jobs/distill_rows.py --prompts configs/data/genre_prompts.json --out ROWS.json
     python jobs/distill_rows.py --prompts mixed --max-new-tokens 128 --out BENCH_ROWS.json
+    python jobs/distill_rows.py --prompts A.json,B.json --batch-size 128 --out ROWS.json   # on a GPU
 
---prompts: a JSON file of token-id lists (configs/data/*_prompts.json, as fine-tuning's
+--prompts: JSON files of token-id lists (comma-separated, interleaved) (configs/data/*_prompts.json, as fine-tuning's
 ``distill_prompts``) or a benchmark prompt set (mixed[:N], humaneval[:N], a JSONL file, as
 jobs/bench.py takes). Writes a JSON list of token-id lists (prompt + continuation), the
 format of fine-tuning's ``distill_cache``.
@@ -33,16 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when torch sees one)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the batch that crosses this time (rows so far are kept)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
     if args.prompts.endswith(".json"):
         prompts = read_prompts(args.prompts)
     else:
         prompts = [loaded.tokenizer.encode(text) for text in load_prompts(args.prompts)]
-    rows = self_distill(loaded, prompts, args.max_new_tokens, batch_size=args.batch_size)
+    budget = 60 * args.max_minutes if args.max_minutes else None
+    rows = self_distill(loaded, prompts, args.max_new_tokens, batch_size=args.batch_size, max_seconds=budget)
     Path(args.out).write_text(json.dumps(rows))
     print(f"{len(rows)} rows written to {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
     python jobs/finetune.py [--config configs/finetune_default.yaml] [--field value ...]
     ray job submit --working-dir . -- python jobs/finetune.py [--config F]
+    python jobs/finetune.py --config F --no-ray [--use-gpu true]   # in this process, one worker
     python jobs/finetune.py --help      # every config field
 
 The config, the model and the data are checked before any worker starts; the run writes
@@ -34,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(cfg.model_dump_json(indent=2))
         return 0
+    if args.no_ray:
+        from sdsat.training.local import fit_local
+
+        try:
+            path = fit_local(cfg.model_dump(), plan)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"fine-tuned model exported to {path}")
+        print(f"checkpoints: {plan.run_dir}")
+        return _gate(cfg, args, plan)
     from ray.train import TrainingFailedError
 
     from jobs.finetune_ray import fit
@@ -51,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"fine-tuned model exported to {plan.export_dir}")
     print(f"checkpoints: {plan.run_dir}")
-    if args.eval is not None:
-        from jobs.evaluate import gate_export
+    return _gate(cfg, args, plan)
 
-        return gate_export(cfg.model, plan.export_dir, args.eval or None)
-    return 0
+
+def _gate(cfg, args, plan) -> int:
+    if args.eval is None:
+        return 0
+    from jobs.evaluate import gate_export
+
+    return gate_export(cfg.model, plan.export_dir, args.eval or None)
 
 
 if __name__ == "__main__":

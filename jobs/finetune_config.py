@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with any of the fields below, the recipe the flags change (default: configs/finetune_default.yaml; none: only the field defaults listed below).")
     parser.add_argument("--dry-run", action="store_true", help="Check the config, model and data, print the plan and exit without training.")
+    parser.add_argument("--no-ray", action="store_true", help="Run in this process without Ray: one worker on this machine's GPU (with --use-gpu true) or CPU, the same distillation, loop, checkpoints and export (for a lone machine without Ray).")
     parser.add_argument("--eval", nargs="?", const=0, type=int, metavar="N", help="After the export, run the quality gate (jobs/evaluate.py) against the base model on the first N HumanEval problems (no N: all 164); a failing export exits with status 3 and its quality_gate.json says why.")
     for name, field in FinetuneConfig.model_fields.items():
         nullable = type(None) in typing.get_args(field.annotation)

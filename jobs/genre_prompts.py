@@ -1,6 +1,7 @@
 """Write distillation prompts in the genres the shipped artifact's data lacks.
 
     python jobs/genre_prompts.py [--out configs/data/genre_prompts.json] [--count 384]
+    python jobs/genre_prompts.py --out configs/data/genre_prompts_more.json --skip 384 --count 627
 
 The shipped artifact distils Python standard-library code and chat instructions
 (configs/data/artifact_prompts.json, configs/data/chat_prompts.json). These prompts start
@@ -103,11 +104,12 @@ def prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="configs/data/genre_prompts.json")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N (those of an earlier, smaller file: the list is a fixed order, so --skip 512 --count 1000 gives prompts 512..999)")
     parser.add_argument("--count", type=int, default=384)
     args = parser.parse_args(argv)
     from sdsat.model.load import load_model
 
-    found = prompts(load_model("default-base").tokenizer, args.count)
+    found = prompts(load_model("default-base").tokenizer, args.count)[args.skip :]
     Path(args.out).write_text("[\n" + ",\n".join(json.dumps(p, separators=(",", ":")) for p in found) + "\n]\n")
     print(f"{len(found)} prompts written to {args.out}")
     return 0

