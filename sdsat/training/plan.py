@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.load import resolve_path
+from ..model.draft_head import HeadConfig
+from ..model.load import artifact_dir, resolve_path
 from ..model.sat import CONFIG_FILE, SATConfig
 from .checkpoint import find_checkpoint, read_state
 from .data import load_texts, pack
@@ -30,7 +31,7 @@ class Plan:
     train_rows: np.ndarray  # [N, row_len] int32 token rows
     val_rows: np.ndarray | None  # [M, row_len], None without validation
     resume_from: str | None  # a checkpoint directory
-    model_sats: int  # SATs the base model already has (0: they are added)
+    model_sats: int  # SATs the model has as the worker loads it ("default": the shipped artifact's; 0: they are added)
 
 
 def prepare(cfg: dict) -> Plan:
@@ -59,7 +60,11 @@ def prepare(cfg: dict) -> Plan:
 
 
 def check_model(cfg: dict):
-    """The base model's tokenizer and SAT count; refuses an unknown model or k beyond its SATs."""
+    """The model's tokenizer (the base model's, without SAT tokens) and SAT count as the worker
+    will load it ("default" with its shipped artifact, an artifact directory with its own SATs);
+    refuses an unknown model, num_sat beyond its SATs and keep_head without a draft head of
+    width draft_head (the worker's select_trainable would refuse it only after Ray started and
+    self-distillation ran)."""
     from transformers import AutoTokenizer
 
     try:
@@ -67,12 +72,27 @@ def check_model(cfg: dict):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model={cfg['model']!r}: cannot load it ({exc})") from None
-    sat = SATConfig.load(path) if Path(path).is_dir() else None
+    sat = loaded_sat_config(cfg["model"], path)
     if sat is not None and cfg["num_sat"] > sat.num_sat:
         raise ValueError(f"num_sat={cfg['num_sat']} is larger than the {sat.num_sat} SATs of model {cfg['model']!r}")
+    width = cfg.get("draft_head", 0)
+    if width and cfg.get("keep_head", False):
+        head = HeadConfig(**sat.head).width if sat is not None and sat.head else None  # as load_model attaches it
+        if head != width:
+            found = "none" if head is None else f"width {head}"
+            raise ValueError(f"keep_head: the model {cfg['model']!r} has no draft head of width {width} to continue ({found})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, sat.num_sat if sat else 0
+
+
+def loaded_sat_config(name: str, path: str) -> SATConfig | None:
+    """The SAT config load_model(name) reads (its SATs, adapter and draft head), without
+    loading weights: the SAT artifact's for "default" (the shipped one) or an artifact
+    directory, else the checkpoint directory's own; None for a hub id or a model without SATs.
+    ``path``: resolve_path(name)."""
+    directory = artifact_dir(name) or (Path(path) if Path(path).is_dir() else None)
+    return SATConfig.load(directory) if directory is not None else None
 
 
 def packed_rows(cfg: dict, tokenizer, split: str) -> np.ndarray:
