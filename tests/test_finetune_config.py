@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from jobs.finetune import main
 from jobs.finetune_config import FinetuneConfig, build_parser, load_config, parse_args
 from jobs.finetune_ray import check_resources
-from sdsat.training.plan import prepare
+from sdsat.training.plan import check_model, prepare
 from sdsat.model.load import LoadedModel, save_model
 from sdsat.model.sat import SATConfig
 from tests.conftest import tiny_model
@@ -94,12 +94,14 @@ def test_shipped_configs_load():
 
 
 def test_the_artifact_stages_are_machine_independent():
-    for name in ("configs/finetune_artifact.yaml", "configs/finetune_head.yaml", "configs/finetune_continue.yaml"):
+    for name in ("configs/finetune_artifact.yaml", "configs/finetune_head.yaml", "configs/finetune_continue.yaml",
+                 "configs/finetune_stage4.yaml"):
         cfg = load_config(name)
         assert cfg.max_minutes is None and cfg.precision == "bf16" and cfg.distill_dtype == "bfloat16", name
         assert cfg.export_dir == "sdsat/model/artifacts/default" and cfg.distill_cache is None, name
-    stage3 = load_config("configs/finetune_continue.yaml")
-    assert stage3.model == "default" and stage3.keep_head and not stage3.freeze_adapter and stage3.draft_head == 1024
+    for name in ("configs/finetune_continue.yaml", "configs/finetune_stage4.yaml"):  # continue the shipped adapter and head
+        later = load_config(name)
+        assert later.model == "default" and later.keep_head and not later.freeze_adapter and later.draft_head == 1024, name
 
 
 def _cfg(model, **overrides):
@@ -133,6 +135,63 @@ def test_refuses_k_beyond_the_models_sats_and_unknown_model(tmp_path):
         prepare(_cfg(with_sats))
     with pytest.raises(ValueError, match="cannot load"):
         prepare(_cfg(str(tmp_path / "no_model")))
+
+
+def _shipped_head_width() -> tuple[SATConfig, int]:
+    """The shipped artifact's SAT config and its draft head's width, cross-checked against the
+    weights' safetensors header (fc1: [width, 3 * hidden]) without loading them."""
+    from safetensors import safe_open
+
+    from sdsat.model.draft_head import WEIGHTS_FILE
+    from sdsat.model.load import DEFAULT_ARTIFACT
+
+    shipped = SATConfig.load(DEFAULT_ARTIFACT)
+    assert shipped is not None and shipped.num_sat > 0 and shipped.head, "the repo ships a SAT artifact with a draft head"
+    with safe_open(str(DEFAULT_ARTIFACT / WEIGHTS_FILE), "pt") as f:
+        width = f.get_slice("fc1.weight").get_shape()[0]
+    assert shipped.head["width"] == width
+    return shipped, width
+
+
+def test_model_default_is_checked_as_the_shipped_artifact_the_worker_loads(tmp_path):
+    """model: default trains from the shipped artifact (its SATs and draft head), not the bare
+    base checkpoint: num_sat beyond its SATs and keep_head with another head width are refused
+    before Ray starts, and the plan reports the artifact's SATs."""
+    shipped, width = _shipped_head_width()
+    n = shipped.num_sat
+    with pytest.raises(ValueError, match=f"num_sat={n + 1} is larger than the {n} SATs of model 'default'"):
+        check_model(_cfg("default", num_sat=n + 1))
+    head = dict(train="sat_adapter", draft_head=width + 1, keep_head=True)
+    with pytest.raises(ValueError, match=f"keep_head: the model 'default' has no draft head of width {width + 1} "
+                                         f"to continue \\(width {width}\\)"):
+        prepare(_cfg("default", num_sat=n, **head))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
+    plan = prepare(_cfg("default", num_sat=n, dataset=str(corpus), storage_path=str(tmp_path), **(head | {"draft_head": width})))
+    assert plan.model_sats == n and len(plan.train_rows) > 0
+    # the base alone has no SATs (the worker adds them) and no head to keep
+    assert check_model(_cfg("default-base", num_sat=n + 1))[1] == 0
+    with pytest.raises(ValueError, match=f"no draft head of width {width} to continue \\(none\\)"):
+        check_model(_cfg("default-base", num_sat=n, **(head | {"draft_head": width})))
+
+
+def test_an_artifact_directory_is_checked_as_itself(tiny_ckpt, tmp_path):
+    """A SAT artifact directory given by path brings its own SATs and head (load_model's), not
+    those of the base checkpoint it names."""
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    SATConfig(sat_ids=[250, 251], sat_tokens=["<sat_1>", "<sat_2>"], base_model=tiny_ckpt, head={"width": 32}).save(artifact)
+    with pytest.raises(ValueError, match="num_sat=3 is larger than the 2 SATs"):
+        check_model(_cfg(str(artifact), num_sat=3))
+    head = dict(train="sat_adapter", keep_head=True)
+    with pytest.raises(ValueError, match="no draft head of width 16 to continue \\(width 32\\)"):
+        check_model(_cfg(str(artifact), num_sat=2, draft_head=16, **head))
+    assert check_model(_cfg(str(artifact), num_sat=2, draft_head=32, **head))[1] == 2
+    # a checkpoint with SATs but no head; a cfg without the head keys is not checked for one
+    with_sats = save_tiny_checkpoint(tmp_path / "m", SATConfig(sat_ids=[250, 251], sat_tokens=["<sat_1>", "<sat_2>"]))
+    with pytest.raises(ValueError, match="no draft head of width 32 to continue \\(none\\)"):
+        check_model(_cfg(with_sats, num_sat=2, draft_head=32, **head))
+    assert check_model({"model": with_sats, "num_sat": 2})[1] == 2
 
 
 def test_refuses_foreign_export_dir_and_bad_resume(tiny_ckpt, tmp_path):

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Stage 4 of the shipped SAT artifact on a lent GPU machine with no network and no Ray
+# A fifth stage of the shipped SAT artifact on a lent GPU machine with no network and no Ray
 # (configs/finetune_gpu.yaml), beside the capacity experiment configs/experiments/gpu_r64_all.yaml
 # on the same distilled rows. Such a machine takes at most 64 MiB a call, so the default model's
 # GGUF (xz-compressed, split in two) travels over two calls:
-#   bash jobs/gpu_stage4.sh prep     # call 1: kit (wheels, transformers, tokenizer) + GGUF part 1;
+#   bash jobs/gpu_finetune.sh prep     # call 1: kit (wheels, transformers, tokenizer) + GGUF part 1;
 #                                    #   a CUDA smoke run of distillation, training and export on a tiny random model
-#   bash jobs/gpu_stage4.sh main     # call 2: GGUF part 2; convert, distil, train both, export
+#   bash jobs/gpu_finetune.sh main     # call 2: GGUF part 2; convert, distil, train both, export
 # The kit (.gpu/, ignored by git) is made on the development machine; results go to $OUT.
 set -u
-case "${1:-}" in prep|main) ;; *) echo "usage: bash jobs/gpu_stage4.sh prep|main" >&2; exit 2 ;; esac
+case "${1:-}" in prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh prep|main" >&2; exit 2 ;; esac
 W=/tmp/sdsat_gpu
 OUT=${OUT:-/tmp/sdsat_gpu_out}
 mkdir -p "$W" "$OUT"
