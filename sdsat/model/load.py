@@ -111,6 +111,13 @@ def artifact_dir(name: str) -> Path | None:
     return None
 
 
+def sat_config_dir(name: str, path: str) -> Path | None:
+    """Where load_model(name) reads its SAT config (SATs, adapter, draft head): the artifact the
+    name brings along, else the checkpoint directory ``path`` (resolve_path(name)); None for a
+    hub id."""
+    return artifact_dir(name) or (Path(path) if Path(path).is_dir() else None)
+
+
 def load_model(
     name: str = DEFAULT_NAME,
     *,
@@ -148,7 +155,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     artifact = artifact_dir(name)
-    sat_dir = artifact or (Path(path) if Path(path).is_dir() else None)
+    sat_dir = sat_config_dir(name, path)
     sat = SATConfig.load(sat_dir) if sat_dir is not None else None
     if artifact is not None:
         _add_artifact_tokens(model, tokenizer, sat, artifact)

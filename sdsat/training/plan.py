@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.draft_head import HeadConfig
-from ..model.load import artifact_dir, resolve_path
+from ..model.load import resolve_path, sat_config_dir
 from ..model.sat import CONFIG_FILE, SATConfig
 from .checkpoint import find_checkpoint, read_state
 from .data import load_texts, pack
@@ -91,7 +91,7 @@ def loaded_sat_config(name: str, path: str) -> SATConfig | None:
     loading weights: the SAT artifact's for "default" (the shipped one) or an artifact
     directory, else the checkpoint directory's own; None for a hub id or a model without SATs.
     ``path``: resolve_path(name)."""
-    directory = artifact_dir(name) or (Path(path) if Path(path).is_dir() else None)
+    directory = sat_config_dir(name, path)
     return SATConfig.load(directory) if directory is not None else None
 
 
