@@ -12,8 +12,6 @@ case "${1:-}" in prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh prep|ma
 W=/tmp/sdsat_gpu
 OUT=${OUT:-/tmp/sdsat_gpu_out}
 mkdir -p "$W" "$OUT"
-# .gpu/pin: files another change in the working tree may be editing, as committed (sdsat_training_plan.py -> sdsat/training/plan.py)
-for f in .gpu/pin/*.py; do [ -e "$f" ] && cp "$f" "$(basename "$f" .py | sed 's|_|/|; s|_|/|').py"; done
 export PYTHONUNBUFFERED=1 SDSAT_CACHE_DIR=$W/cache SDSAT_DEFAULT_GGUF=$W/model.gguf HOME=$W/home
 export PYTHONPATH=$W/slim:$W/site:$PWD
 PROMPTS=$(python3 -c "import yaml; print(yaml.safe_load(open('configs/finetune_gpu.yaml'))['distill_prompts'])")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, read_state
+from .checkpoint import checkpoint_dirs
 from .distill import distill_part, distill_rows
 from .loop import Trainer, Worker
 from .plan import Plan
@@ -66,8 +66,7 @@ def save(run_dir: Path, step: int, write_checkpoint, keep: int) -> Path:
     write_checkpoint(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    kept = sorted(checkpoint_dirs(run_dir), key=lambda d: read_state(d)["step"] if (d / "trainer_state.json").exists() else -1)
-    for old in kept[:-keep]:
+    for old in checkpoint_dirs(run_dir)[:-keep]:  # named by zero-padded step: sorted oldest first
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint: %s", target)
     return target
