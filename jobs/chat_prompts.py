@@ -2,6 +2,7 @@
 
     python jobs/chat_prompts.py [--out configs/data/chat_prompts.json] [--count 512]
     python jobs/chat_prompts.py --out configs/data/chat_prompts_more.json --skip 512 --count 1072
+    python jobs/chat_prompts.py --topics second --out configs/data/chat_prompts_second.json --count 1040
 
 Instructions are built from fixed task templates and topics (no data download), rendered
 with the default model's chat template up to the assistant's turn, and saved as token ids:
@@ -65,10 +66,39 @@ CODE_TOPICS = (
     "checks whether a string is a palindrome", "groups words by their first letter",
 )
 
+# A second pool, disjoint from the first (the first is used up by chat_prompts.json and
+# chat_prompts_more.json): the same tasks over other topics.
+SECOND_TOPICS = (
+    "rivers", "the Industrial Revolution", "vitamins", "wind turbines", "penguins", "opera",
+    "the Silk Road", "antibiotics", "tides", "skyscrapers", "paper making", "comets",
+    "bicycles", "chocolate", "migration of birds", "the Great Wall of China", "quantum computing",
+    "volunteering", "fungi", "lighthouses", "the Cold War", "sign language", "batteries", "caves",
+    "street food", "the Amazon river", "kindness", "podcasts", "satellites", "the Mayan civilization",
+    "wolves", "typography", "hurricanes", "public transport", "cheese making", "the Vikings",
+    "video games", "composting", "the Pythagorean theorem", "elephants", "fire safety", "the brain",
+    "hiking", "shipping containers", "the Nobel Prize", "clouds", "jellyfish", "film making",
+    "the metric system", "minimalism", "ocean currents", "the Wright brothers", "spices", "bamboo",
+    "first aid", "the Milky Way", "knitting", "wetlands", "recycling electronics", "the piano",
+)
+SECOND_CODE_TOPICS = (
+    "counts the vowels in a string", "checks whether two words are anagrams", "converts a number to binary",
+    "finds the second largest number in a list", "capitalizes every word of a sentence",
+    "computes the average of a list of numbers", "checks whether a year is a leap year",
+    "swaps the keys and values of a dictionary", "finds the common elements of two lists",
+    "reverses the order of words in a sentence", "counts how often each character appears",
+    "rounds a number to two decimal places", "splits a list into chunks of size n",
+    "returns the n smallest numbers of a list", "removes punctuation from a string",
+    "converts a list of strings to integers", "finds the longest word in a sentence",
+    "checks whether a list is sorted", "sums the digits of a number", "builds a multiplication table",
+)
+POOLS = {"first": (TOPICS, CODE_TOPICS), "second": (SECOND_TOPICS, SECOND_CODE_TOPICS)}
 
-def instructions(count: int, seed: int = 0) -> list[str]:
-    """``count`` distinct instructions, prose and code mixed (about 1 in 4 code)."""
-    pool = [task.format(t=t) for task in TASKS for t in TOPICS] + [task.format(t=t) for task in CODE_TASKS for t in CODE_TOPICS]
+
+def instructions(count: int, seed: int = 0, topics: str = "first") -> list[str]:
+    """``count`` distinct instructions, prose and code mixed (about 1 in 4 code), from the
+    ``topics`` pool ("first" or "second", disjoint)."""
+    prose, code = POOLS[topics]
+    pool = [task.format(t=t) for task in TASKS for t in prose] + [task.format(t=t) for task in CODE_TASKS for t in code]
     random.Random(seed).shuffle(pool)
     if count > len(pool):
         raise ValueError(f"count={count} exceeds the {len(pool)} distinct instructions")
@@ -85,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="configs/data/chat_prompts.json")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N (those of an earlier, smaller file: the list is a fixed order, so --skip 512 --count 1000 gives prompts 512..999)")
     parser.add_argument("--count", type=int, default=512)
+    parser.add_argument("--topics", choices=sorted(POOLS), default="first", help="the topic pool: second is disjoint from first, which the earlier files use up")
     args = parser.parse_args(argv)
     from sdsat.model.load import load_model
 
     tokenizer = load_model("default-base").tokenizer
-    prompts = [list(map(int, chat_prompt(tokenizer, text))) for text in instructions(args.count)[args.skip :]]
+    prompts = [list(map(int, chat_prompt(tokenizer, text))) for text in instructions(args.count, topics=args.topics)[args.skip :]]
     Path(args.out).write_text("[\n" + ",\n".join(json.dumps(p, separators=(",", ":")) for p in prompts) + "\n]\n")
     print(f"{len(prompts)} chat prompts written to {args.out}")
     return 0

@@ -4,14 +4,16 @@
 
 Decodes with SDSAT only (no plain baseline, no timing) and prints tau (new tokens per
 iteration), mean accepted drafts per iteration and acceptance per offset: the numbers
-that decide the speed-up. jobs/bench.py confirms with timings and exactness.
+that decide the speed-up, overall and per prompt family (code: code, code edits, shell,
+SQL; prose or chat) and kind where the prompts say. jobs/bench.py confirms with timings
+and exactness.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from jobs.prompts import load_prompts
+from jobs.prompts import load_rows
 from jobs.report import machine_info, sat_info, write_json
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.model.draft_head import remove_head
@@ -19,23 +21,43 @@ from sdsat.model.load import load_model
 from sdsat.decode.stats import DecodeStats
 
 
-def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int, tree: str | None = None) -> dict:
+def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int, tree: str | None = None,
+               kinds: list[str | None] | None = None) -> dict:
     """SDSAT-decode each prompt (batch 1) and sum the decoding statistics. tree: verify this
     draft tree (sdsat.decode.tree; with a draft head every branch is chained through it)
-    instead of the chain of top-1 drafts."""
-    total = DecodeStats()
-    for text in prompts:
+    instead of the chain of top-1 drafts. kinds: each prompt's kind, to add ``per_family``
+    and ``per_kind`` summaries."""
+    total, groups = DecodeStats(), {}
+    for n, text in enumerate(prompts):
         seqs = make_sequences(loaded, [loaded.tokenizer.encode(text)], max_new_tokens)
         generate(loaded, seqs, num_sat, tree=tree, two_step=True)
         total.add(seqs[0].stats)
-    iterations = max(total.iterations, 1)
+        kind = kinds[n] if kinds else None
+        if kind:
+            for key in (("per_family", family(kind)), ("per_kind", kind)):
+                groups.setdefault(key, DecodeStats()).add(seqs[0].stats)
+    result = _summary(total)
+    for (level, name), stats in sorted(groups.items()):
+        result.setdefault(level, {})[name] = _summary(stats) | {"prompts": sum(
+            1 for k in kinds if (family(k) if level == "per_family" else k) == name)}
+    return result
+
+
+def family(kind: str) -> str:
+    """"prose or chat" for prose, prose edits and chat; "code" for the rest (code, code edits,
+    shell, SQL)."""
+    return "prose or chat" if kind.startswith(("prose", "chat")) else "code"
+
+
+def _summary(stats: DecodeStats) -> dict:
+    iterations = max(stats.iterations, 1)
     return {
-        "tau": total.tau,
-        "accepted_per_iteration": total.accepted / iterations,
-        "accept_rate_per_offset": total.accept_rate_per_offset,
-        "iterations": total.iterations,
-        "new_tokens": total.new_tokens,
-        "verified_per_iteration": total.drafted / iterations,
+        "tau": stats.tau,
+        "accepted_per_iteration": stats.accepted / iterations,
+        "accept_rate_per_offset": stats.accept_rate_per_offset,
+        "iterations": stats.iterations,
+        "new_tokens": stats.new_tokens,
+        "verified_per_iteration": stats.drafted / iterations,
     }
 
 
@@ -58,10 +80,15 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model, dtype=args.dtype)
     if args.no_head and remove_head(loaded.model) is not None:
         loaded.sat.head = {}
-    result = acceptance(loaded, load_prompts(args.prompts), args.num_sat, args.max_new_tokens, args.tree or None)
+    rows = load_rows(args.prompts)
+    result = acceptance(loaded, [r["prompt"] for r in rows], args.num_sat, args.max_new_tokens, args.tree or None,
+                        [r["kind"] for r in rows])
     result.update(machine=machine_info(), model=args.model, sats=sat_info(loaded), prompts=args.prompts, k=args.num_sat, dtype=args.dtype, tree=args.tree or None)
     rates = " ".join(f"{r:.2f}" for r in result["accept_rate_per_offset"])
     print(f"tau {result['tau']:.2f} | accepted/iteration {result['accepted_per_iteration']:.2f} | per offset {rates}")
+    for name, part in result.get("per_family", {}).items():
+        rates = " ".join(f"{r:.2f}" for r in part["accept_rate_per_offset"])
+        print(f"  {name} ({part['prompts']} prompts): tau {part['tau']:.2f} | per offset {rates}")
     if args.json:
         write_json(args.json, result)
     return result

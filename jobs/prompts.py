@@ -17,22 +17,28 @@ MIXED = Path(__file__).resolve().parent / "data" / "mixed_prompts.jsonl"
 
 
 def load_prompts(spec: str) -> list[str]:
+    return [row["prompt"] for row in load_rows(spec)]
+
+
+def load_rows(spec: str) -> list[dict]:
+    """The prompts as rows: {"prompt": text, "kind": what it is, or None when the file does not
+    say} (HumanEval's are "code")."""
     if spec.startswith("mixed"):
         count = int(spec.split(":", 1)[1]) if ":" in spec else None
-        return load_prompts(str(MIXED))[:count]
+        return load_rows(str(MIXED))[:count]
     if spec.startswith("humaneval"):
         count = int(spec.split(":", 1)[1]) if ":" in spec else None
-        return [p.prompt for p in load_problems(count)]
+        return [{"prompt": p.prompt, "kind": "code"} for p in load_problems(count)]
     path = Path(spec)
     if not path.exists():
         raise SystemExit(f"--prompts: {spec} is neither humaneval[:N] nor an existing JSONL file")
-    prompts = []
+    rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             row = json.loads(line)
             if not isinstance(row.get("prompt"), str):
                 raise SystemExit(f"{spec}:{n}: each line needs a string field 'prompt'")
-            prompts.append(row["prompt"])
-    if not prompts:
+            rows.append({"prompt": row["prompt"], "kind": row.get("kind")})
+    if not rows:
         raise SystemExit(f"{spec}: no prompts")
-    return prompts
+    return rows

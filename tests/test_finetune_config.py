@@ -298,3 +298,29 @@ def test_the_artifact_recipe_reads_its_committed_prompts(tmp_path):
         read_prompts(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="no such file"):
         read_prompts(str(tmp_path / "missing.json"))
+
+
+def test_a_prompt_file_can_be_sliced(tmp_path):
+    from sdsat.training.distill import read_prompts
+
+    (tmp_path / "a.json").write_text("[[1], [2], [3], [4], [5]]")
+    (tmp_path / "b.json").write_text("[[10], [20]]")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert read_prompts(f"{a}[3:]") == [[4], [5]]
+    assert read_prompts(f"{a}[:2]") == [[1], [2]]
+    assert read_prompts(f"{a}[1:3],{b}") == [[2], [10], [3], [20]]  # sliced, then interleaved
+    assert read_prompts(f"{a}[:]") == read_prompts(str(a))
+    for bad in ("[9:]", "[x:]", "[1:2:1]", "[-1:]", "[2]"):
+        with pytest.raises(ValueError, match="slice"):
+            read_prompts(f"{a}{bad}")
+
+
+def test_stage5_takes_only_the_code_prompts_stage4_left_unused():
+    from sdsat.training.distill import read_prompts
+
+    stage4, stage5 = load_config("configs/finetune_stage4.yaml"), load_config("configs/finetune_stage5.yaml")
+    seen = {tuple(p) for p in read_prompts(stage4.distill_prompts)[: stage4.distill_rows]}
+    new = read_prompts(stage5.distill_prompts)[: stage5.distill_rows]
+    assert len(new) == stage5.distill_rows and not seen & {tuple(p) for p in new}
+    # and the slice starts right after the last one stage 4 used: nothing skipped
+    assert tuple(read_prompts("configs/data/code_prompts_more.json")[612]) in seen

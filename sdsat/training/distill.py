@@ -49,8 +49,9 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
 
 def read_prompts(paths: str) -> list[list[int]]:
     """Committed prompt sets: comma-separated JSON files, each a list of token-id lists, read
-    in turn and interleaved (so a distill_rows cut keeps every set's share); ValueError naming
-    what is wrong."""
+    in turn and interleaved (so a distill_rows cut keeps every set's share); a file may end
+    in a slice, ``file.json[613:]``, to take part of it (the prompts an earlier stage left
+    unused); ValueError naming what is wrong."""
     sets = [_read_prompt_file(path.strip()) for path in paths.split(",") if path.strip()]
     if not sets:
         raise ValueError(f"distill_prompts={paths!r} names no file")
@@ -60,7 +61,8 @@ def read_prompts(paths: str) -> list[list[int]]:
     return out
 
 
-def _read_prompt_file(path: str) -> list[list[int]]:
+def _read_prompt_file(spec: str) -> list[list[int]]:
+    path, part = _split_slice(spec)
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"distill_prompts={path!r}: no such file (relative paths are read from {Path.cwd()})")
@@ -69,7 +71,26 @@ def _read_prompt_file(path: str) -> list[list[int]]:
         isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts
     ):
         raise ValueError(f"distill_prompts={path!r}: expected a non-empty JSON list of non-empty token-id lists")
-    return prompts
+    if not prompts[part]:
+        raise ValueError(f"distill_prompts={spec!r}: the slice leaves none of the file's {len(prompts)} prompts")
+    return prompts[part]
+
+
+def _split_slice(spec: str) -> tuple[str, slice]:
+    """``file.json[a:b]`` -> (file.json, slice(a, b)); a plain path -> (path, everything)."""
+    if not spec.endswith("]") or "[" not in spec:
+        return spec, slice(None)
+    path, _, inner = spec[:-1].rpartition("[")
+    bounds = inner.split(":")
+    try:
+        if len(bounds) != 2:
+            raise ValueError
+        start, stop = (int(b) if b.strip() else None for b in bounds)
+    except ValueError:
+        raise ValueError(f"distill_prompts={spec!r}: a slice is [start:stop] with non-negative whole numbers, either may be left out") from None
+    if (start or 0) < 0 or (stop is not None and stop < 0):
+        raise ValueError(f"distill_prompts={spec!r}: a slice is [start:stop] with non-negative whole numbers, either may be left out")
+    return path, slice(start, stop)
 
 
 def distill_part(cfg: dict, prompts: list[list[int]]) -> list[list[int]]:
