@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A fifth stage of the shipped SAT artifact on a lent GPU machine with no network and no Ray
+# A further stage of the shipped SAT artifact on a lent GPU machine with no network and no Ray
 # (configs/finetune_gpu.yaml), beside the capacity experiment configs/experiments/gpu_r64_all.yaml
 # on the same distilled rows. Such a machine takes at most 64 MiB a call, so the default model's
 # GGUF (xz-compressed, split in two) travels over two calls:

@@ -311,6 +311,11 @@ def acceptance_section(results, base) -> list[str]:
             for p, d in runs]
     out += table(["file", "model", "SAT weights", "prompts", "k", "dtype", "drafts", "verified", "tau", "accepted per offset",
                   "machine"], rows)
+    families = [[link(p, base), name, part["prompts"], f"{part['tau']:.2f}", " ".join(f"{x:.2f}" for x in part["accept_rate_per_offset"])]
+                for p, d in runs for name, part in (d.get("per_family") or {}).items()]
+    if families:
+        out += ["", "Per prompt family, where the run recorded it (code: code, code edits, shell, SQL):", ""]
+        out += table(["file", "family", "prompts", "tau", "accepted per offset"], families)
     out += ["", "Commands: " + "; ".join(f"`{grouped(d)}`" for _, d in runs), ""]
     return out
 

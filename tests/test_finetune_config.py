@@ -95,11 +95,11 @@ def test_shipped_configs_load():
 
 def test_the_artifact_stages_are_machine_independent():
     for name in ("configs/finetune_artifact.yaml", "configs/finetune_head.yaml", "configs/finetune_continue.yaml",
-                 "configs/finetune_stage4.yaml"):
+                 "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml"):
         cfg = load_config(name)
         assert cfg.max_minutes is None and cfg.precision == "bf16" and cfg.distill_dtype == "bfloat16", name
         assert cfg.export_dir == "sdsat/model/artifacts/default" and cfg.distill_cache is None, name
-    for name in ("configs/finetune_continue.yaml", "configs/finetune_stage4.yaml"):  # continue the shipped adapter and head
+    for name in ("configs/finetune_continue.yaml", "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml"):  # continue the shipped adapter and head
         later = load_config(name)
         assert later.model == "default" and later.keep_head and not later.freeze_adapter and later.draft_head == 1024, name
 
