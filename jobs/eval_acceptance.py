@@ -27,19 +27,18 @@ def acceptance(loaded, prompts: list[str], num_sat: int, max_new_tokens: int, tr
     draft tree (sdsat.decode.tree; with a draft head every branch is chained through it)
     instead of the chain of top-1 drafts. kinds: each prompt's kind, to add ``per_family``
     and ``per_kind`` summaries."""
-    total, groups = DecodeStats(), {}
-    for n, text in enumerate(prompts):
+    total, groups = DecodeStats(), {}  # groups: (level, name) -> [summed stats, prompts]
+    for text, kind in zip(prompts, kinds or [None] * len(prompts)):
         seqs = make_sequences(loaded, [loaded.tokenizer.encode(text)], max_new_tokens)
         generate(loaded, seqs, num_sat, tree=tree, two_step=True)
         total.add(seqs[0].stats)
-        kind = kinds[n] if kinds else None
-        if kind:
-            for key in (("per_family", family(kind)), ("per_kind", kind)):
-                groups.setdefault(key, DecodeStats()).add(seqs[0].stats)
+        for key in ((("per_family", family(kind)), ("per_kind", kind)) if kind else ()):
+            group = groups.setdefault(key, [DecodeStats(), 0])
+            group[0].add(seqs[0].stats)
+            group[1] += 1
     result = _summary(total)
-    for (level, name), stats in sorted(groups.items()):
-        result.setdefault(level, {})[name] = _summary(stats) | {"prompts": sum(
-            1 for k in kinds if (family(k) if level == "per_family" else k) == name)}
+    for (level, name), (stats, count) in sorted(groups.items()):
+        result.setdefault(level, {})[name] = _summary(stats) | {"prompts": count}
     return result
 
 

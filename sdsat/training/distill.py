@@ -71,9 +71,10 @@ def _read_prompt_file(spec: str) -> list[list[int]]:
         isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts
     ):
         raise ValueError(f"distill_prompts={path!r}: expected a non-empty JSON list of non-empty token-id lists")
-    if not prompts[part]:
+    chosen = prompts[part]
+    if not chosen:
         raise ValueError(f"distill_prompts={spec!r}: the slice leaves none of the file's {len(prompts)} prompts")
-    return prompts[part]
+    return chosen
 
 
 def _split_slice(spec: str) -> tuple[str, slice]:
@@ -81,14 +82,11 @@ def _split_slice(spec: str) -> tuple[str, slice]:
     if not spec.endswith("]") or "[" not in spec:
         return spec, slice(None)
     path, _, inner = spec[:-1].rpartition("[")
-    bounds = inner.split(":")
     try:
-        if len(bounds) != 2:
-            raise ValueError
-        start, stop = (int(b) if b.strip() else None for b in bounds)
+        start, stop = (int(b) if b.strip() else None for b in inner.split(":"))  # exactly two bounds
     except ValueError:
-        raise ValueError(f"distill_prompts={spec!r}: a slice is [start:stop] with non-negative whole numbers, either may be left out") from None
-    if (start or 0) < 0 or (stop is not None and stop < 0):
+        start = stop = -1  # not two bounds, or not whole numbers: refused below with the negatives
+    if any(b is not None and b < 0 for b in (start, stop)):
         raise ValueError(f"distill_prompts={spec!r}: a slice is [start:stop] with non-negative whole numbers, either may be left out")
     return path, slice(start, stop)
 
