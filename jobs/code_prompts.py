@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-len", type=int, default=256)
     parser.add_argument("--exclude", default="", help="comma-separated prompt files whose prompts are left out")
     args = parser.parse_args(argv)
-    from jobs.finetune_config import load_config
+    from sdsat.training.config import load_config
     from sdsat.training.plan import check_model, packed_rows
 
     cfg = load_config(None, {"dataset": "stdlib", "row_len": args.row_len, "eval_every": 0}).model_dump()

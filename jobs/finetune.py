@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from jobs.finetune_config import parse_args
+from sdsat.training.config import parse_args
 from sdsat.training.plan import prepare
 
 log = logging.getLogger("sdsat.finetune")

@@ -14,7 +14,7 @@ import ray
 import ray.train
 import ray.train.torch
 
-from jobs.finetune_config import FinetuneConfig
+from sdsat.training.config import FinetuneConfig
 from sdsat.training.distill import distill_part, distill_rows
 from sdsat.training.loop import Trainer, Worker
 from sdsat.training.plan import Plan

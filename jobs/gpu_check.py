@@ -204,7 +204,7 @@ def finetune_speed(loaded: LoadedModel, train: str, strategy: str, row_len: int,
 
 
 def _finetune_step(loaded: LoadedModel, train: str, strategy: str, row_len: int, batch_size: int, k: int, world: int) -> dict:
-    from jobs.finetune_config import FinetuneConfig
+    from sdsat.training.config import FinetuneConfig
     from sdsat.training.fsdp import shard
     from sdsat.training.loop import RowStream, train_step
     from sdsat.training.rows import RowConfig

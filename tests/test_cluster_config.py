@@ -86,7 +86,7 @@ def test_rayservice_serve_config_passes_serves_schema_and_the_app_args():
 
 
 def test_rayjob_runs_the_finetuning_job_with_a_config_it_parses():
-    from jobs.finetune_config import parse_args
+    from sdsat.training.config import parse_args
 
     job = load("cluster/finetune/rayjob.yaml")
     assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True

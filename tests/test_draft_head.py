@@ -201,7 +201,7 @@ def test_keep_head_continues_the_loaded_head_and_its_adapter():
 
 
 def test_keep_head_needs_a_head_width():
-    from jobs.finetune_config import load_config
+    from sdsat.training.config import load_config
 
     with pytest.raises(ValueError, match="keep_head continues the loaded model's draft head"):
         load_config(None, {"train": "sat_adapter", "keep_head": True})

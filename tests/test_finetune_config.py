@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jobs.finetune import main
-from jobs.finetune_config import FinetuneConfig, build_parser, load_config, parse_args
+from sdsat.training.config import FinetuneConfig, build_parser, load_config, parse_args
 from jobs.finetune_ray import check_resources
 from sdsat.training.plan import check_model, prepare
 from sdsat.model.load import LoadedModel, save_model
@@ -244,7 +244,7 @@ def test_a_storage_uri_stays_a_uri(tiny_ckpt):
 
 
 def test_no_arguments_run_the_default_recipe():
-    from jobs.finetune_config import DEFAULT_CONFIG
+    from sdsat.training.config import DEFAULT_CONFIG
 
     recipe, _ = parse_args([])
     assert recipe == load_config(DEFAULT_CONFIG)

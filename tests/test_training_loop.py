@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.finetune_config import load_config
+from sdsat.training.config import load_config
 from sdsat.training.loop import Trainer, Worker
 from sdsat.training.precision import choose_bf16, cpu_flags
 from sdsat.training.setup import make_scheduler, schedule_of

@@ -2,7 +2,7 @@
 is checked here, before any worker starts (model, SAT count, data, resume, export).
 
 ``cfg`` is the run's configuration as a plain dict (``FinetuneConfig.model_dump()`` of
-jobs/finetune_config.py, with ``name`` set)."""
+sdsat/training/config.py, with ``name`` set)."""
 
 from __future__ import annotations
 

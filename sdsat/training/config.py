@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # The default recipe: the values under every flag unless --config names another file
 # (or none: the field defaults).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune_default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune_default.yaml"
 
 
 class FinetuneConfig(BaseModel):
