@@ -192,6 +192,14 @@ class _Fixed:
         pass
 
 
+def _without_blocks(cost):
+    """A second cost model like ``cost`` (same start-up curve and measurements), for passes
+    without a draft block; an injected cost function needs none (it does not learn)."""
+    if isinstance(cost, PassCost):
+        return PassCost(dict(cost.curve), ema=cost.ema, observed=dict(cost.observed))
+    return cost
+
+
 @dataclass
 class _Watch:
     """A trie waiting for the tokens that follow its root."""
@@ -215,6 +223,9 @@ class Scheduler:
         if margin < 0 or not 0 <= explore_fraction < 1 or explore_every < 1 or max_width < 1:
             raise ValueError("scheduler needs margin >= 0, 0 <= explore_fraction < 1, explore_every >= 1, max_width >= 1")
         self.cost = cost if hasattr(cost, "predict") else _Fixed(cost)
+        # what each shape costs as seen in passes without a draft block: the reference a block
+        # pass's extra is measured against (see block_extra)
+        self.plain_cost = _without_blocks(self.cost)
         self.margin = margin
         self.explore_fraction = explore_fraction
         self.explore_every = explore_every
@@ -250,12 +261,17 @@ class Scheduler:
         # rows -> seconds a pass with a draft block takes beyond the cost model's time for
         # its shape: the SAT adapter's hooks and the draft head run only in such passes (on a
         # 2-core CPU ~10 ms of a ~50 ms plain pass of the default model). A block pass teaches
-        # the shape's cost its time less this extra. Never below 0: a block pass faster than
-        # its shape's prediction says the shape was mispredicted (an unmeasured width at a
-        # large batch is assumed dear), which that pass's observation corrects. The median of
-        # the latest BLOCK_WINDOW passes' excess, not an average: one pass that a shared
-        # machine stalls for a few hundred ms moved an average (weight 0.2) to 82 ms, nearly
-        # two plain passes, and as the block then stopped running nothing brought it back
+        # the shape's cost its time less this extra. The excess is measured against plain_cost,
+        # which only passes without a block teach: against the cost they teach themselves, a
+        # width that only ever runs with a block could not tell its shape from its block, and
+        # the two drifted apart with the machine's noise (the extra reached 130 ms, four plain
+        # passes, on a 2-core CPU where the block costs ~15 ms, and switched blocks off). Never
+        # below 0: a block pass faster than its shape's prediction says the shape was
+        # mispredicted (an unmeasured width at a large batch is assumed dear), which that
+        # pass's observation corrects. The median of the latest BLOCK_WINDOW passes' excess,
+        # not an average: one pass that a shared machine stalls for a few hundred ms moved an
+        # average (weight 0.2) to 82 ms, nearly two plain passes, and as the block then
+        # stopped running nothing brought it back
         self.block_extra: dict[int, float] = {}
         self._block_overs: dict[int, deque] = {}
 
@@ -328,6 +344,7 @@ class Scheduler:
         self.total_s += seconds
         self.widths[1] = self.widths.get(1, 0) + 1
         self.cost.observe(len(emitted), 1, seconds)
+        self.plain_cost.observe(len(emitted), 1, seconds)
         for out, seq_id in zip(emitted, seq_ids):
             self._advance(seq_id, out)
 
@@ -486,14 +503,15 @@ class Scheduler:
             self._end_realised += REALISM_EMA * (max(0, moved) - self._end_realised)
             self._end_expected += REALISM_EMA * (plan.end_move - self._end_expected)
             self.end_realism = max(0.05, min(1.0, self._end_realised / self._end_expected))
-        shape_s = seconds
+        shape_s, weight = seconds, EXPLORE_WEIGHT if plan.explore else None  # an exploring pass is the rare fresh look at its shape: it counts more
         if any(p.block for p in plan.rows):  # what the block cost beyond the shape
             overs = self._block_overs.setdefault(len(rows), deque(maxlen=BLOCK_WINDOW))
-            overs.append(seconds - self.cost.predict(len(rows), plan.width))
+            overs.append(seconds - self.plain_cost.predict(len(rows), plan.width))
             self.block_extra[len(rows)] = max(0.0, statistics.median(overs))
             shape_s = seconds - self.block_extra[len(rows)]
-        # an exploring pass is the rare fresh look at its shape: it counts more
-        self.cost.observe(len(rows), plan.width, shape_s, EXPLORE_WEIGHT if plan.explore else None)
+        else:
+            self.plain_cost.observe(len(rows), plan.width, seconds, weight)
+        self.cost.observe(len(rows), plan.width, shape_s, weight)
         for row, rp, out, seq_id in zip(rows, plan.rows, emitted, seq_ids):
             trie = row.lookup
             if rp.pending or row.alternatives:
