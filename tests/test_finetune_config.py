@@ -95,11 +95,12 @@ def test_shipped_configs_load():
 
 def test_the_artifact_stages_are_machine_independent():
     for name in ("configs/finetune_artifact.yaml", "configs/finetune_head.yaml", "configs/finetune_continue.yaml",
-                 "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml"):
+                 "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml", "configs/finetune_stage6.yaml"):
         cfg = load_config(name)
         assert cfg.max_minutes is None and cfg.precision == "bf16" and cfg.distill_dtype == "bfloat16", name
         assert cfg.export_dir == "sdsat/model/artifacts/default" and cfg.distill_cache is None, name
-    for name in ("configs/finetune_continue.yaml", "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml"):  # continue the shipped adapter and head
+    for name in ("configs/finetune_continue.yaml", "configs/finetune_stage4.yaml", "configs/finetune_stage5.yaml",
+                 "configs/finetune_stage6.yaml"):  # continue the shipped adapter and head
         later = load_config(name)
         assert later.model == "default" and later.keep_head and not later.freeze_adapter and later.draft_head == 1024, name
 
@@ -324,3 +325,21 @@ def test_stage5_takes_only_the_code_prompts_stage4_left_unused():
     assert len(new) == stage5.distill_rows and not seen & {tuple(p) for p in new}
     # and the slice starts right after the last one stage 4 used: nothing skipped
     assert tuple(read_prompts("configs/data/code_prompts_more.json")[612]) in seen
+
+
+def test_stage6_fixes_what_the_time_boxed_gpu_run_resolved_to():
+    """Stage 6 ran configs/finetune_gpu.yaml time-boxed; its config must train on exactly the
+    prompts that run distilled (the first 2816 of the same interleave), with the same weights-
+    shaping fields, and none of stage 5's prompts."""
+    from sdsat.training.distill import read_prompts
+
+    gpu, stage6 = load_config("configs/finetune_gpu.yaml"), load_config("configs/finetune_stage6.yaml")
+    assert gpu.max_minutes is None and gpu.distill_rows is None  # the time box comes from jobs/gpu_finetune.sh
+    assert (stage6.distill_rows, stage6.max_steps) == (2816, 486)
+    assert read_prompts(stage6.distill_prompts)[:2816] == read_prompts(gpu.distill_prompts)[:2816]
+    same = ("model", "keep_head", "adapter_rank", "adapter_targets", "draft_head", "lr", "warmup_steps", "min_lr_ratio",
+            "batch_size", "row_len", "distill_max_new_tokens", "poisson_lambda", "max_blocks", "precision")
+    assert {k: getattr(stage6, k) for k in same} == {k: getattr(gpu, k) for k in same}
+    stage5 = load_config("configs/finetune_stage5.yaml")
+    seen5 = {tuple(p) for p in read_prompts(stage5.distill_prompts)[: stage5.distill_rows]}
+    assert not seen5 & {tuple(p) for p in read_prompts(stage6.distill_prompts)[:2816]}
