@@ -264,8 +264,8 @@ class Scheduler:
         # the shape's cost its time less this extra. The excess is measured against plain_cost,
         # which only passes without a block teach: against the cost they teach themselves, a
         # width that only ever runs with a block could not tell its shape from its block, and
-        # the two drifted apart with the machine's noise (the extra reached 130 ms, four plain
-        # passes, on a 2-core CPU where the block costs ~15 ms, and switched blocks off). Never
+        # the two drifted apart with the machine's noise (the extra reached 130-150 ms, four
+        # plain passes, on a 2-core CPU where the block costs ~20 ms, and fewer blocks ran). Never
         # below 0: a block pass faster than its shape's prediction says the shape was
         # mispredicted (an unmeasured width at a large batch is assumed dear), which that
         # pass's observation corrects. The median of the latest BLOCK_WINDOW passes' excess,

@@ -84,9 +84,10 @@ def _split_slice(spec: str) -> tuple[str, slice]:
     path, _, inner = spec[:-1].rpartition("[")
     try:
         start, stop = (int(b) if b.strip() else None for b in inner.split(":"))  # exactly two bounds
-    except ValueError:
-        start = stop = -1  # not two bounds, or not whole numbers: refused below with the negatives
-    if any(b is not None and b < 0 for b in (start, stop)):
+        valid = all(b is None or b >= 0 for b in (start, stop))
+    except ValueError:  # not two bounds, or not whole numbers
+        valid = False
+    if not valid:
         raise ValueError(f"distill_prompts={spec!r}: a slice is [start:stop] with non-negative whole numbers, either may be left out")
     return path, slice(start, stop)
 
