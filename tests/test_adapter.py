@@ -52,6 +52,39 @@ def test_standard_tokens_are_the_base_model_bit_for_bit(adapted):
     assert torch.equal(loaded.model(with_sats).logits, base)
 
 
+@pytest.mark.parametrize("layout", ["one run", "scattered"])
+def test_decoding_deltas_equal_the_training_products(adapted, monkeypatch, layout):
+    """Decoding computes each delta on the SAT rows alone (a slice where they are one run of
+    rows, else gathered), fused per shared-input group with the scale folded into B; training
+    computes one masked product pair per layer over every row. Both give the same logits, and
+    after the pass every adapted layer has its own forward back (here, an instance forward of
+    its own, as packed kernels give it)."""
+    loaded, _, adapter = adapted
+    sat = loaded.sat.sat_ids
+    if layout == "one run":
+        ids = torch.tensor([[5, 6, 7] + sat])
+    else:
+        ids = torch.tensor([[5, 6, sat[0], sat[1], 7, 8], [sat[2], 9, 10, sat[0], sat[3], 11]])
+    runs = []
+    begin = adapter._begin_pass
+    monkeypatch.setattr(adapter, "_begin_pass", lambda: (runs.append(adapter._run), begin())[1])
+    own = {key: linear.forward for key, linear in adapter._linears.items()}
+    for linear in adapter._linears.values():
+        linear.forward = linear.forward  # an instance attribute, like a packed layer's
+    with torch.no_grad():
+        decoding = loaded.model(ids).logits
+    with torch.enable_grad():
+        training = loaded.model(ids).logits.detach()
+    assert (runs[0] is not None) == (layout == "one run")
+    torch.testing.assert_close(decoding, training)
+    for key, linear in adapter._linears.items():
+        assert linear.__dict__["forward"] == own[key]
+        del linear.forward
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, decoding)  # the class forward: the same
+    assert all("forward" not in linear.__dict__ for linear in adapter._linears.values())
+
+
 def test_fresh_adapter_changes_only_sat_rows_through_its_embedding():
     loaded = tiny_loaded(k=K)
     ids = torch.tensor([[5, 6, 7] + loaded.sat.sat_ids])

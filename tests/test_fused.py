@@ -274,6 +274,27 @@ def test_bad_decoder_options_are_refused(tiny):
         batch.scheduled_step([], 4)
 
 
+def test_filler_is_never_accepted_even_where_it_is_the_next_token(tiny):
+    """Padding nodes carry a standard token (a SAT id would switch the adapter on); the rule is
+    told they are padding, so the true next token as filler is not accepted, and the output
+    stays plain greedy."""
+    loaded, refs = tiny
+    cache = SlotCache.for_model(loaded.model, 1)
+    banned = torch.tensor(loaded.sat.unique_ids)
+    sat = list(loaded.sat.ids_for(2))
+    out: list[int] = []
+    with torch.inference_mode():
+        last = prefill(loaded.model, cache, RAGGED[:1], 0)
+        while len(out) < NEW_TOKENS:
+            filler = refs[0][len(out)]  # the argmax at the root, and at every filler node's parent
+            row = RowNodes([GARBAGE + 1], [-1], 0)
+            emitted, last, _, accepted = fused_pass(loaded.model, cache, last, [row], 4, sat, banned, filler)
+            assert accepted == [0] and len(emitted[0]) == 1
+            out += emitted[0]
+    assert out[:NEW_TOKENS] == refs[0]
+    assert cache.lengths == [len(RAGGED[0]) - 1 + len(out)]
+
+
 @pytest.mark.parametrize("planted", [0, 2])
 def test_next_drafts_are_the_draft_pass_guesses_past_the_accepted_ones(tiny, planted):
     """The block's guess i is the two-step draft pass's draft i (same cache, same ``last``);

@@ -57,6 +57,22 @@ def test_the_rank_zero_path_is_the_heads_chain():
     assert tokens[:, rank0].tolist() == chain
 
 
+def test_the_first_guesses_siblings_are_the_trees_next_ranks():
+    """guess() gives the chain and, per row, the head's rank-1.. guesses for the first draft:
+    the siblings a depth-1 tree would verify beside it (none for a row that guesses nothing)."""
+    loaded, head = _headed()
+    banned = torch.tensor(loaded.sat.unique_ids)
+    hidden, first, anchor, candidates = _inputs(loaded, k=4)
+    tree = DraftTree.parse("3")
+    tokens = head.tree(hidden, first, anchor, tree.parents, tree.depths, tree.ranks, banned, candidates)
+    counts = [4, 0, 2]
+    chains, siblings = head.guess(hidden, first, anchor, counts, banned, candidates, siblings=2)
+    assert chains == head.chain(hidden, first, anchor, counts, banned, candidates)
+    assert [len(c) for c in chains] == counts
+    assert siblings[0] == tokens[0, 2:].tolist() and siblings[2] == tokens[2, 2:].tolist() and siblings[1] == []
+    assert [c[0] for c in chains if c] == [tokens[0, 1].item(), tokens[2, 1].item()]
+
+
 def _path(tree, node):
     while node > 0:
         yield node

@@ -140,9 +140,9 @@ class Batch:
         self.last = torch.empty(0, dtype=torch.long, device=self.device)  # [B]
         self.pending: dict[int, list[int]] = {}  # seq_id -> SAT drafts made by the last draft block
         self.alternatives: dict[int, list[int]] = {}  # seq_id -> the draft head's other guesses for pending[0]
-        # The token that pads a row's nodes to the pass's width: a SAT id, never accepted,
-        # where the model has SATs (any token keeps the output exact).
-        self.filler = int(self.banned[0]) if self.banned.numel() else pad_id
+        # The token that pads a row's nodes to the pass's width (never accepted): a standard
+        # token, so that padding does not switch on the SAT adapter.
+        self.filler = pad_id
         self.lookups: dict[int, LookupIndex] = {}  # seq_id -> its prompt-lookup index
         self.samplers: dict[int, RowSampler] = {}  # seq_id -> its sampler; rows without one are greedy
         self.last_plan: Plan | None = None  # the latest scheduled step's plan

@@ -11,7 +11,9 @@ relative to ``last`` (at position L, not yet in the cache):
   scheduler chose (:mod:`sdsat.decode.scheduler`);
 - the row's draft block sat_1..sat_b, a chain under the root: exactly the draft pass's SATs,
   seeing the cache, ``last`` and the SATs before them;
-- filler nodes under the root, so that every row has the pass's width.
+- filler nodes under the root, so that every row has the pass's width: never accepted (the
+  acceptance rule is told which nodes are real), and a standard token, so that they do not
+  switch on the SAT adapter, which acts on SAT ids.
 
 Every node sees the committed cache and its own ancestors only (:mod:`sdsat.decode.tree`'s
 ancestor mask). A draft is accepted when it equals its parent's argmax and its parent is
@@ -76,8 +78,8 @@ def fused_pass(
     next_alternatives: list | None = None,
 ) -> tuple[list[list[int]], torch.Tensor, list[list[int]], list[int]]:
     """One fused iteration over ``width`` query tokens per row. last [B]; rows[i]: row i's
-    drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a token never
-    accepted where it can be: a SAT id) pads every row to ``width``. draw(logits, tokens,
+    drafts (a tree under its root) and draft block (sat_ids[:block]); filler (a standard token,
+    never accepted) pads every row to ``width``. draw(logits, tokens,
     depths, paths) -> tokens [B, n]: what the root and draft nodes yield instead of their argmax
     where rows sample (:func:`sdsat.decode.sample_accept.sample_nodes`); the block's guesses stay
     argmaxes (greedy SAT drafts, one token per node). on_logits(logits, nodes, tokens): given
@@ -106,7 +108,9 @@ def fused_pass(
     if draw is not None:  # past the longest row's drafts are block and filler nodes: never accepted
         n = 1 + max(len(r.drafts) for r in rows)
         drawn = torch.cat([draw(logits[:, :n], tokens[:, :n], t.depths[:, :n], t.paths[:, :n]), z[:, n:]], dim=1)
-    paths, emitted, bonus = accept_rows(tokens, drawn, t)
+    real = torch.tensor([1 + len(r.drafts) for r in rows], device=last.device)  # the root and the drafts
+    valid = torch.arange(width, device=last.device)[None, :] < real[:, None]  # [B, width]
+    paths, emitted, bonus = accept_rows(tokens, drawn, t, valid)
     if on_logits is not None:
         on_logits(logits, paths, [row[1:] for row in emitted])
     cache.keep_slots(paths)  # last and the accepted drafts
@@ -142,10 +146,5 @@ def _head_guesses(
     index = torch.tensor([[min(s + j, width - 1) for j in range(max(counts))] for s in starts], device=bonus.device)
     hidden = head.hidden.gather(1, index[..., None].expand(-1, -1, head.hidden.shape[-1]))  # [B, n, H]
     among = top_candidates(logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1])))
-    chains = head.chain(hidden, bonus, head.hidden[:, 0], counts, banned, among)  # anchor: the root
-    if not alternatives:
-        return chains, [[] for _ in rows]
-    siblings = HEAD_ALTERNATIVES + 1  # a tree of depth 1: the chain's first guess and its siblings
-    tokens = head.tree(hidden[:, :1], bonus, head.hidden[:, 0], (-1,) + (0,) * siblings, (0,) + (1,) * siblings,
-                       (0,) + tuple(range(siblings)), banned, None if among is None else among[:, :1])
-    return chains, [row[2:] if n else [] for row, n in zip(tokens.tolist(), counts)]
+    siblings = HEAD_ALTERNATIVES if alternatives else 0
+    return head.guess(hidden, bonus, head.hidden[:, 0], counts, banned, among, siblings)  # anchor: the root

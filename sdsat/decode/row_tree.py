@@ -66,8 +66,11 @@ def _one_tree(parents: tuple[int, ...], device: str) -> tuple[torch.Tensor, ...]
     )
 
 
-def accept_rows(tokens: torch.Tensor, z: torch.Tensor, t: RowTrees) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
-    """The acceptance rule. tokens [B, N] (node tokens), z [B, N] (argmaxes at the nodes).
+def accept_rows(
+    tokens: torch.Tensor, z: torch.Tensor, t: RowTrees, valid: torch.Tensor | None = None
+) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """The acceptance rule. tokens [B, N] (node tokens), z [B, N] (argmaxes at the nodes);
+    valid [B, N] bool: the nodes that may be accepted (None: all; padding is not).
 
     Returns (accepted path per row: node indices root..last, a+1 of them; emitted tokens per
     row: the path's tokens and the bonus; the bonus per row [B]). One host sync.
@@ -75,6 +78,8 @@ def accept_rows(tokens: torch.Tensor, z: torch.Tensor, t: RowTrees) -> tuple[lis
     n = tokens.shape[1]
     correct = tokens == z.gather(1, t.parents)  # [B, N]: node equals its parent's argmax
     correct[:, 0] = True  # the root is exact
+    if valid is not None:
+        correct &= valid
     broken = t.ancestors & ~correct[:, None, :]  # [B, N, N]: a wrong node on root..i
     accepted = ~broken.any(dim=2)  # [B, N]
     order = t.depths * n + (n - 1 - torch.arange(n, device=tokens.device))  # deepest, then first

@@ -1,9 +1,10 @@
 """A SAT-position adapter: low-rank deltas that act only where the input token is a SAT.
 
 The base model stays frozen. Its decoder gets a forward pre-hook that records which
-rows (flattened batch x sequence positions) of ``input_ids`` hold SAT ids; every adapted
-linear layer then adds ``scale * B(A(x))`` at those rows only, and the input embedding's
-output at those rows is replaced by the adapter's own SAT embedding rows.
+rows (flattened batch x sequence positions) of ``input_ids`` hold SAT ids; for that pass
+every adapted linear layer adds ``scale * B(A(x))`` at those rows only (its forward is
+wrapped, and given back after the pass), and the input embedding's output at those rows is
+replaced by the adapter's own SAT embedding rows.
 
 Standard tokens never attend to SATs (training masks, and decoding's draft pass drops the
 SAT keys), so every standard token's hidden states and logits are exactly the base
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,7 +78,8 @@ class SATAdapter(torch.nn.Module):
         self.deltas = torch.nn.ModuleDict()
         self._linears: dict[str, torch.nn.Linear] = {}
         self._group_of: dict[str, str] = {}  # delta key -> its shared-input group
-        self._fused: tuple | None = None  # (parameter versions, {group: (A [sum r, d_in], B [sum d_out, sum r])})
+        # (parameter versions, {group: (A [sum r, d_in], scale x B [sum d_out, sum r])})
+        self._fused: tuple | None = None
         self._slice_of: dict[str, slice] = {}  # delta key -> its columns of the group's fused output
         self._pass_cache: dict = {}  # group -> (input tensor, fused low-rank output) during a pass
         for name, module in model.get_decoder().named_modules():
@@ -91,15 +94,17 @@ class SATAdapter(torch.nn.Module):
         # A tuple, so the model's own modules are not registered as the adapter's submodules.
         self._hosts = (embed, model.get_decoder())
         self._rows: torch.Tensor | None = None  # [n] flat row indices of SAT tokens in this pass
+        self._run: slice | None = None  # the same rows as a slice, where they are consecutive
         self._slots: torch.Tensor | None = None  # [n] index into sat_embed of each such row
         self._row_mask: torch.Tensor | None = None  # [B, T, 1] bool: SAT positions
         self._row_scale: torch.Tensor | None = None  # [B, T, 1]: alpha / rank at SAT positions, else 0
         self._handles: list = []
         self._pass_handles: list = []
+        self._wrapped: list = []  # (linear, its own instance forward or None) while a pass holds SATs
 
     # --- hooks ---
     def attach(self) -> None:
-        """Register the decoder hooks. The per-layer hooks exist only during a pass that holds
+        """Register the decoder hooks. The per-layer work exists only during a pass that holds
         SATs, so a pass without SATs (plain decoding, verification, the standard tokens in
         training) runs the base model with no extra work at all."""
         lookup = torch.full((max(self.sat_ids) + 1,), -1, dtype=torch.long)
@@ -118,17 +123,27 @@ class SATAdapter(torch.nn.Module):
         self._handles = []
 
     def _begin_pass(self) -> None:
+        """Wrap each adapted layer's forward for this pass (a forward hook per layer costs
+        several times the wrapper's call on a CPU); a forward the layer already has as an
+        instance attribute (packed kernels, :mod:`sdsat.decode.packed`) runs inside the wrapper."""
         self._fuse() if not torch.is_grad_enabled() else None
         self._pass_handles = [self._hosts[0].register_forward_hook(self._embed_hook)]
         for key, linear in self._linears.items():
-            self._pass_handles.append(linear.register_forward_hook(self._delta_hook(key)))
+            own = linear.__dict__.get("forward")
+            linear.forward = partial(self._delta_forward, key, linear.forward)
+            self._wrapped.append((linear, own))
 
     def _end_pass(self) -> None:
         for handle in self._pass_handles:
             handle.remove()
-        self._pass_handles = []
+        for linear, own in self._wrapped:
+            if own is None:
+                del linear.forward
+            else:
+                linear.forward = own
+        self._pass_handles, self._wrapped = [], []
         self._pass_cache = {}
-        self._rows = self._slots = self._row_mask = self._row_scale = None
+        self._rows = self._slots = self._row_mask = self._row_scale = self._run = None
 
     def _fuse(self) -> None:
         """Concatenated A and block-diagonal B per shared-input group, rebuilt when any
@@ -144,7 +159,8 @@ class SATAdapter(torch.nn.Module):
         with torch.no_grad():
             for group, keys in groups.items():
                 deltas = [self.deltas[k] for k in keys]
-                fused[group] = (torch.cat([d.a.float() for d in deltas]), torch.block_diag(*[d.b.float() for d in deltas]))
+                scaled = [d.b.float() * d.scale for d in deltas]
+                fused[group] = (torch.cat([d.a.float() for d in deltas]), torch.block_diag(*scaled))
                 start = 0
                 for key, d in zip(keys, deltas):
                     self._slice_of[key] = slice(start, start + d.b.shape[0])
@@ -161,6 +177,8 @@ class SATAdapter(torch.nn.Module):
         rows = (slots.reshape(-1) >= 0).nonzero().squeeze(1)  # [n]; one host sync per pass
         if rows.numel():
             self._rows, self._slots = rows, slots.reshape(-1)[rows]
+            first, last = int(rows[0]), int(rows[-1])
+            self._run = slice(first, last + 1) if last - first + 1 == rows.numel() else None
             self._row_mask = (slots >= 0)[..., None]  # [B, T, 1]; cast once per pass by the embedding hook
             self._begin_pass()
         return None
@@ -172,26 +190,34 @@ class SATAdapter(torch.nn.Module):
         self._row_scale = self._row_mask.to(output.dtype) * (self.cfg.alpha / self.cfg.rank)
         return flat.view_as(output)
 
-    def _delta_hook(self, key: str):
-        # Dense: the rank-r delta on every row of the pass, masked to the SAT rows. A pass
-        # holds SATs only in training's SAT pass and in decoding's draft pass (k + 1 rows
-        # per sequence), where most rows are SATs.
-        delta, group = self.deltas[key], self._group_of[key]
-
-        def hook(module, args, output):
-            x = args[0]
-            if torch.is_grad_enabled():  # training: one product pair per layer, autograd through it
-                low = F.linear(F.linear(x.float(), delta.a.float()), delta.b.float())
-            else:  # inference: fp32 (several times cheaper than bf16 for a few rows on CPU), fused per group
-                cached = self._pass_cache.get(group)
-                if cached is None or cached[0] is not x:
-                    a, b = self._fused[1][group]
-                    cached = (x, F.linear(F.linear(x.float(), a), b))
-                    self._pass_cache[group] = cached
-                low = cached[1][..., self._slice_of[key]]
-            return torch.addcmul(output, low.to(output.dtype), self._row_scale)
-
-        return hook
+    def _delta_forward(self, key: str, inner, x: torch.Tensor) -> torch.Tensor:
+        """The layer's own output plus its low-rank delta at the SAT rows."""
+        out = inner(x)
+        if torch.is_grad_enabled():  # training: one product pair per layer, autograd through it
+            delta = self.deltas[key]
+            low = F.linear(F.linear(x.float(), delta.a.float()), delta.b.float())
+            return torch.addcmul(out, low.to(out.dtype), self._row_scale)
+        # Inference: fp32 (several times cheaper than bf16 for a few rows on CPU), on the SAT
+        # rows alone, fused per shared-input group, the scale folded into B. The SAT rows are a
+        # pass's draft blocks: one run of rows at batch 1 (a slice, no index ops), else
+        # gathered (at batch 16 they are under half the pass's rows).
+        group = self._group_of[key]
+        cached = self._pass_cache.get(group)
+        if cached is None or cached[0] is not x:
+            a, b = self._fused[1][group]
+            flat = x.reshape(-1, x.shape[-1])
+            rows = flat[self._run] if self._run is not None else flat.index_select(0, self._rows)
+            cached = (x, F.linear(F.linear(rows.float(), a), b))
+            self._pass_cache[group] = cached
+        low = cached[1]
+        part = self._slice_of[key]
+        if part.stop - part.start != low.shape[-1]:
+            low = low[:, part]
+        flat = out.reshape(-1, out.shape[-1])
+        if self._run is not None:
+            flat[self._run].add_(low.to(out.dtype))
+            return flat.view_as(out)
+        return flat.index_add_(0, self._rows, low.to(out.dtype)).view_as(out)
 
     # --- storage ---
     def save(self, directory: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -77,22 +77,43 @@ class DraftHead(torch.nn.Module):
     def adjust(self, hidden: torch.Tensor, prev: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         """[N, H] SAT hidden states, [N] previous tokens, [N, H] anchor hidden states -> [N, H]
         adjusted hidden states (fp32)."""
+        return self._step(*self._prepare(hidden, anchor), prev)
+
+    def _prepare(self, hidden: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of a guess that do not depend on the previous token, for [..., H] hidden
+        states and their anchors [..., H] (or [N, H] anchors of [N, n, H] hidden states):
+        (fc1's h and f terms with its bias [..., W], h plus fc2's bias [..., H]). fc1 over
+        [h, e, f] is the sum of its three column blocks' products, so a chain of guesses computes
+        the h and f terms once instead of once a step."""
+        size = hidden.shape[-1]
         h = hidden.float()
+        w = self.fc1.weight
+        feature = F.linear(anchor.float(), w[:, 2 * size :], self.fc1.bias)
+        if feature.dim() < h.dim():
+            feature = feature.unsqueeze(-2)
+        return F.linear(h, w[:, :size]) + feature, h + self.fc2.bias
+
+    def _step(self, base: torch.Tensor, residual: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """One guess's adjusted hidden state [N, H] (fp32) from :meth:`_prepare`'s parts [N, W],
+        [N, H] and the previous tokens [N]."""
+        size = residual.shape[-1]
         e = self._hosts[0](prev).float()
-        return h + self.fc2(F.silu(self.fc1(torch.cat([h, e, anchor.float()], dim=-1))))
+        inner = F.silu(torch.addmm(base, e, self.fc1.weight[:, size : 2 * size].t()))
+        return torch.addmm(residual, inner, self.fc2.weight.t())
 
     def logits(
         self, hidden: torch.Tensor, prev: torch.Tensor, anchor: torch.Tensor, candidates: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[N, V] logits of the adjusted hidden states, through the model's LM head (not its hooks);
-        with candidates [N, M] (token ids), [N, M]: the logits of those tokens only."""
+        with candidates [N, M] (token ids), [N, M]: the logits of those tokens only, in fp32 (a
+        product with M rows of the LM head is cheaper in fp32 than in bf16 on a CPU)."""
         lm = self._hosts[1]
-        adjusted = self.adjust(hidden, prev, anchor).to(lm.weight.dtype)
+        adjusted = self.adjust(hidden, prev, anchor)
         bias = getattr(lm, "bias", None)
         if candidates is None:
-            return F.linear(adjusted, lm.weight, bias)
-        out = torch.bmm(lm.weight[candidates], adjusted[:, :, None])[:, :, 0]  # [N, M]
-        return out if bias is None else out + bias[candidates]
+            return F.linear(adjusted.to(lm.weight.dtype), lm.weight, bias)
+        out = torch.bmm(_rows(lm.weight, candidates), adjusted[:, :, None])[:, :, 0]  # [N, M]
+        return out if bias is None else out + bias[candidates].float()
 
     @torch.no_grad()
     def chain(
@@ -110,21 +131,58 @@ class DraftHead(torch.nn.Module):
         guesses row r makes. candidates [R, n, M]: the tokens each guess chooses among (the
         SAT's own top M, :func:`top_candidates`; None: the whole vocabulary). Returns the
         guesses per row."""
-        out: list[list[int]] = [[] for _ in counts]
-        prev = first
-        live = torch.arange(len(counts), device=hidden.device)
-        for step in range(max(counts, default=0)):
-            keep = [i for i, r in enumerate(live.tolist()) if counts[r] > step]
-            if len(keep) < live.numel():
-                live, prev = live[keep], prev[keep]
-            among = None if candidates is None else candidates[live, step]
-            logits = _ban(self.logits(hidden[live, step], prev, anchor[live], among), banned, among)
+        return self.guess(hidden, first, anchor, counts, banned, candidates)[0]
+
+    @torch.no_grad()
+    def guess(
+        self,
+        hidden: torch.Tensor,
+        first: torch.Tensor,
+        anchor: torch.Tensor,
+        counts: list[int],
+        banned: torch.Tensor | None,
+        candidates: torch.Tensor | None = None,
+        siblings: int = 0,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """:meth:`chain`'s guesses, and per row the head's next ``siblings`` best guesses for its
+        first draft (rank 1 onwards: what a draft tree would verify beside it; none for a row
+        that makes no guess).
+
+        Every row takes every step (a row's guesses past its count are dropped), so a step is
+        a few batched products: the parts that do not depend on the previous token, the LM
+        head's candidate rows and the banned candidates are computed once for the chain. One
+        host sync at the end."""
+        steps = max(counts, default=0)
+        if not steps:
+            return [[] for _ in counts], [[] for _ in counts]
+        lm = self._hosts[1]
+        bias = getattr(lm, "bias", None)
+        base, residual = self._prepare(hidden[:, :steps], anchor)  # [R, n, W], [R, n, H]
+        among = None if candidates is None else candidates[:, :steps]
+        if among is not None:
+            rows = _rows(lm.weight, among)  # [R, n, M, H] fp32
+            row_bias = None if bias is None else bias[among].float()
+            barred = None if banned is None or not banned.numel() else torch.isin(among, banned)  # [R, n, M]
+        prev, out, top = first, [], None
+        for step in range(steps):
+            adjusted = self._step(base[:, step], residual[:, step], prev)  # [R, H] fp32
+            if among is None:
+                logits = _ban(F.linear(adjusted.to(lm.weight.dtype), lm.weight, bias), banned, None)
+            else:
+                logits = torch.bmm(rows[:, step], adjusted[:, :, None])[:, :, 0]  # [R, M]
+                logits = logits if row_bias is None else logits + row_bias[:, step]
+                logits = logits if barred is None else logits.masked_fill(barred[:, step], float("-inf"))
+            if step == 0 and siblings:
+                top = logits.topk(1 + siblings, dim=-1).indices
+                top = top if among is None else among[:, 0].gather(1, top)
             prev = logits.argmax(dim=-1)
             if among is not None:
-                prev = among.gather(1, prev[:, None])[:, 0]
-            for r, token in zip(live.tolist(), prev.tolist()):
-                out[r].append(token)
-        return out
+                prev = among[:, step].gather(1, prev[:, None])[:, 0]
+            out.append(prev)
+        tokens = torch.stack(out, dim=1).tolist()
+        guesses = [row[:n] for row, n in zip(tokens, counts)]
+        alternatives = [row[1:] if n else [] for row, n in zip(top.tolist(), counts)] if top is not None else [[] for _ in counts]
+        return guesses, alternatives
 
     @torch.no_grad()
     def tree(
@@ -214,6 +272,12 @@ class DraftHead(torch.nn.Module):
         with torch.no_grad():
             for name, p in own.items():
                 p.copy_(tensors[name].to(p.dtype))
+
+
+def _rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The LM head's rows of these token ids [...] -> [..., H], fp32 (an index_select: several
+    times cheaper than advanced indexing for a thousand rows on a CPU)."""
+    return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[-1]).float()
 
 
 def _ban(logits: torch.Tensor, banned: torch.Tensor | None, among: torch.Tensor | None) -> torch.Tensor:
