@@ -13,7 +13,7 @@ from sdsat.decode.batch import Batch
 from sdsat.decode.calibrate import BATCH_POINTS, BATCH_ROWS, measure
 from sdsat.decode.cost import CURVE_POINTS, PassCost, interpolate
 from sdsat.decode.generate import generate, make_sequences
-from sdsat.decode.scheduler import MAX_GAP, MAX_SKIP, RowCandidates, Scheduler, Trie
+from sdsat.decode.scheduler import BLOCK, MAX_GAP, MAX_SKIP, RowCandidates, Scheduler, Trie, _block_values
 from tests.conftest import tiny_loaded
 
 TEXT = [1, 2, 3, 4, 5, 6, 7, 8] * 1000  # what every simulated row goes on to emit
@@ -311,13 +311,37 @@ def test_realism_is_not_biased_by_passes_that_accept_nothing():
 def test_what_a_draft_block_costs_beyond_its_shape_is_learned():
     """The SAT adapter and the draft head run only in passes with a draft block, so such a
     pass costs more than the cost model's time for its width: that extra is measured, and
-    where it eats the gain the scheduler goes back to plain steps."""
+    where it eats the gain the scheduler goes back to plain steps. Two right drafts a block
+    still pay for a block that costs a whole plain pass (block and verify passes by turns: 4
+    tokens for ~3.1 passes), and not for one that costs three."""
     cost = lambda rows, q: 1.0 + 0.02 * (q - 1)  # noqa: E731
-    cheap, dear = Scheduler(cost, explore_every=10**9), Scheduler(cost, explore_every=10**9)
+    cheap, paying, dear = (Scheduler(cost, explore_every=10**9) for _ in range(3))
     SatText(1, right=1).run(cheap, cost, 100)
-    SatText(1, right=1).run(dear, cost, 100, block_s=1.0)  # a block doubles a pass
+    tokens = SatText(1, right=2).run(paying, cost, 100, block_s=1.0)  # a block doubles a pass
+    SatText(1, right=2).run(dear, cost, 100, block_s=3.0)
     assert cheap.block_extra[1] == pytest.approx(0.0, abs=1e-9) and cheap.widths.get(1, 0) < 10
-    assert dear.block_extra[1] == pytest.approx(1.0) and dear.widths[1] > 90
+    assert paying.block_extra[1] == pytest.approx(1.0) and tokens / paying.total_s > 1.2  # plain: 1 token a second
+    assert dear.block_extra[1] == pytest.approx(3.0) and dear.widths[1] > 90
+
+
+def test_a_block_is_worth_its_drafts_less_what_verifying_them_costs():
+    """A block position is credited with its draft's value less the next pass's price of a
+    query token (in tokens at the plain rate), so the same drafts are worth more where extra
+    query tokens are cheap and less where they are dear (an AVX2 CPU in bf16: a 6-token pass
+    ~3x a 1-token one), and nothing for a guess of a token the pass accepts anyway."""
+    assert _block_values([], [0.8, 0.5], 0.0) == pytest.approx([0.8, 0.5])
+    assert _block_values([], [0.8, 0.5], 0.4) == pytest.approx([0.4, 0.1])
+    assert _block_values([], [0.3], 0.4) == [0.0]
+    # one pending draft, right with 0.5: block position 1 guesses a token already emitted then
+    # (a = 0 or 1, each 0.5: position 1 is worth 0.5 x 0.7, position 2 0.5 x 0.5 + 0.5 x 0.7,
+    # pooled to the same sum, non-increasing)
+    assert _block_values([0.5], [0.8, 0.6], 0.1) == pytest.approx([0.475, 0.475])
+    cheap = Scheduler(lambda rows, q: 1.0 + 0.02 * (q - 1))
+    dear = Scheduler(lambda rows, q: 1.0 + 0.4 * (q - 1))
+    assert cheap._slot_tokens(1, 5) == pytest.approx(0.02) and dear._slot_tokens(1, 5) == pytest.approx(0.4)
+    row = RowCandidates([], Trie(), 5)
+    blocks = lambda s: [v for v, source in s.values(row) if source == BLOCK]  # noqa: E731
+    assert sum(blocks(cheap)) > sum(blocks(dear)) >= 0.0
 
 
 @pytest.mark.parametrize("stall", [0.5, 1.0])

@@ -9,9 +9,9 @@ Each row offers four kinds of candidate nodes:
 - *block* positions: SATs run in this pass, whose guesses are the next pass's pending drafts.
 
 A candidate's value is the tokens it is expected to add (:mod:`sdsat.decode.acceptance`): a
-pending, alternative or lookup node its probability of being right; a block position half the value of
-the draft it makes, since that draft takes a slot now and another when verified, at the
-depth it will have after the pending drafts this pass accepts (:func:`_block_values`). Every list
+pending, alternative or lookup node its probability of being right; a block position the
+value of the draft it makes, at the depth it will have after the pending drafts this pass
+accepts, less what a query token of the next pass costs to verify it (:func:`_block_values`). Every list
 is non-increasing in value and parents come first, so a row's best n nodes are the first ones
 of each list. All rows of a pass are padded to one width q (query tokens per row), so once q
 is chosen every row fills it with its q - 1 best nodes. The scheduler picks the q with the
@@ -126,19 +126,26 @@ def _falling(values: list[float]) -> list[float]:
     return out
 
 
-def _block_values(pending: list[float], sat: list[float]) -> list[float]:
-    """What each draft block position is worth: half the value of the draft it makes (that
-    draft takes a slot now and another when verified). Block position j guesses the token j
-    past the root; when the pass accepts a of the row's pending drafts (a chain: P(a >= d) is
-    its d-th value), that guess becomes the next pass's draft at depth j - a, worth sat[j-a-1],
-    and positions j <= a guess tokens already accepted. The values are then pooled into a
+def _block_values(pending: list[float], sat: list[float], slot: float = 0.0) -> list[float]:
+    """What each draft block position is worth: the value of the draft it makes, less what
+    verifying that draft will cost (``slot``: a query token of the next pass, in tokens at the
+    plain rate). Block position j guesses the token j past the root; when the pass accepts a
+    of the row's pending drafts (a chain: P(a >= d) is its d-th value), that guess becomes the
+    next pass's draft at depth j - a, worth sat[j-a-1], and positions j <= a guess tokens
+    already accepted (no draft, nothing to verify). The values are then pooled into a
     non-increasing list with the same sum over every pooled run (a later position is worth
-    more than an earlier one when acceptance is likely, but needs the earlier ones run)."""
+    more than an earlier one when acceptance is likely, but needs the earlier ones run).
+
+    The block's own cost is the pass's (its width and the block's measured extra). Crediting
+    each position half its draft's value instead, as if the verify slot cost what the block
+    slot does, undervalued blocks wherever a verified token is cheap and a block position
+    dear (the adapter, the head): on a 2-core CPU with native bf16 SAT drafts alone then ran
+    a block and a verify pass by turns and fell back to plain passes for long runs (1.02x)."""
     reach = [1.0] + pending + [0.0]  # P(a >= d), d = 0..c+1
     p_exact = [reach[d] - reach[d + 1] for d in range(len(pending) + 1)]
     values = []
     for j in range(1, len(sat) + 1):
-        values.append(0.5 * sum(p * sat[j - a - 1] for a, p in enumerate(p_exact) if a < j))
+        values.append(max(0.0, sum(p * (sat[j - a - 1] - slot) for a, p in enumerate(p_exact) if a < j)))
     runs: list[list[float]] = []  # [sum, count]: pool adjacent violators
     for v in values:
         runs.append([v, 1])
@@ -277,18 +284,20 @@ class Scheduler:
 
     # ---- choosing --------------------------------------------------------------------------
 
-    def values(self, row: RowCandidates) -> list[tuple[float, int]]:
-        """(value, source) of the row's candidates, best first (within a source, in order)."""
+    def values(self, row: RowCandidates, batch: int = 1) -> list[tuple[float, int]]:
+        """(value, source) of the row's candidates in a pass over ``batch`` rows, best first
+        (within a source, in order)."""
         if not row.drafting:
             return []
         with_lookup, kind, acc = bool(row.lookup.tokens), row.sampled, self.acceptance
         pending = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, len(row.pending) + 1)])
         sat = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, row.block + 1)])
+        slot = self._slot_tokens(batch, row.block) if row.block else 0.0
         items = []
         for source, vals in (
             (PENDING, pending),
             (LOOKUP, [acc.lookup_p(s, kind) for s in row.lookup.scores]),
-            (BLOCK, _block_values(pending, sat)),
+            (BLOCK, _block_values(pending, sat, slot)),
             (ALTERNATIVE, [acc.alt_p(r, with_lookup, kind) for r in range(1, len(row.alternatives) + 1)]),
         ):
             items += [(v, source) for v in _falling(vals)]
@@ -297,7 +306,7 @@ class Scheduler:
 
     def plan(self, rows: list[RowCandidates]) -> Plan:
         """The pass to run next for these rows."""
-        values = [self.values(r) for r in rows]
+        values = [self.values(r, len(rows)) for r in rows]
         q, gain, seconds, end_move = self._best_width(values, [r.remaining for r in rows])
         best = self._allocate(values, q, gain, seconds)
         best.end_move = end_move
@@ -347,6 +356,12 @@ class Scheduler:
         self.plain_cost.observe(len(emitted), 1, seconds)
         for out, seq_id in zip(emitted, seq_ids):
             self._advance(seq_id, out)
+
+    def _slot_tokens(self, batch: int, k: int) -> float:
+        """What one more query token per row costs in a pass over ``batch`` rows, in tokens at
+        the plain rate: the average over k of them, (t(batch, 1 + k) / t(batch, 1) - 1) / k."""
+        plain = self.cost.predict(batch, 1)
+        return max(0.0, self.cost.predict(batch, 1 + k) / plain - 1.0) / k if plain > 0 else 0.0
 
     def _extra(self, batch: int) -> float:
         """Predicted extra seconds of a draft block in a pass over this many rows (measured at
