@@ -115,23 +115,9 @@ class DraftHead(torch.nn.Module):
         out = torch.bmm(_rows(lm.weight, candidates), adjusted[:, :, None])[:, :, 0]  # [N, M]
         return out if bias is None else out + bias[candidates].float()
 
-    @torch.no_grad()
-    def chain(
-        self,
-        hidden: torch.Tensor,
-        first: torch.Tensor,
-        anchor: torch.Tensor,
-        counts: list[int],
-        banned: torch.Tensor | None,
-        candidates: torch.Tensor | None = None,
-    ) -> list[list[int]]:
-        """Greedy guesses made one after another. hidden [R, n, H]: each row's SAT hidden states
-        from its first guessing position; first [R]: the token before row r's first guess;
-        anchor [R, H]: the hidden state at row r's block anchor; counts[r] <= n: how many
-        guesses row r makes. candidates [R, n, M]: the tokens each guess chooses among (the
-        SAT's own top M, :func:`top_candidates`; None: the whole vocabulary). Returns the
-        guesses per row."""
-        return self.guess(hidden, first, anchor, counts, banned, candidates)[0]
+    def chain(self, *args, **kwargs) -> list[list[int]]:
+        """:meth:`guess`'s greedy guesses alone, per row."""
+        return self.guess(*args, **kwargs)[0]
 
     @torch.no_grad()
     def guess(
@@ -144,9 +130,13 @@ class DraftHead(torch.nn.Module):
         candidates: torch.Tensor | None = None,
         siblings: int = 0,
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """:meth:`chain`'s guesses, and per row the head's next ``siblings`` best guesses for its
-        first draft (rank 1 onwards: what a draft tree would verify beside it; none for a row
-        that makes no guess).
+        """Greedy guesses made one after another, and per row the head's next ``siblings`` best
+        guesses for its first draft (rank 1 onwards: what a draft tree would verify beside it;
+        none for a row that makes no guess). hidden [R, n, H]: each row's SAT hidden states
+        from its first guessing position; first [R]: the token before row r's first guess;
+        anchor [R, H]: the hidden state at row r's block anchor; counts[r] <= n: how many
+        guesses row r makes. candidates [R, n, M]: the tokens each guess chooses among (the
+        SAT's own top M, :func:`top_candidates`; None: the whole vocabulary).
 
         Every row takes every step (a row's guesses past its count are dropped), so a step is
         a few batched products: the parts that do not depend on the previous token, the LM
