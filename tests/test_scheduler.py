@@ -340,7 +340,7 @@ def test_a_block_is_worth_its_drafts_less_what_verifying_them_costs():
     dear = Scheduler(lambda rows, q: 1.0 + 0.4 * (q - 1))
     assert cheap._slot_tokens(1, 5) == pytest.approx(0.02) and dear._slot_tokens(1, 5) == pytest.approx(0.4)
     row = RowCandidates([], Trie(), 5)
-    blocks = lambda s: [v for v, source in s.values(row) if source == BLOCK]  # noqa: E731
+    blocks = lambda s: [v for v, source in s.values(row, s._slot_tokens(1, 5)) if source == BLOCK]  # noqa: E731
     assert sum(blocks(cheap)) > sum(blocks(dear)) >= 0.0
 
 

@@ -284,15 +284,14 @@ class Scheduler:
 
     # ---- choosing --------------------------------------------------------------------------
 
-    def values(self, row: RowCandidates, batch: int = 1) -> list[tuple[float, int]]:
-        """(value, source) of the row's candidates in a pass over ``batch`` rows, best first
-        (within a source, in order)."""
+    def values(self, row: RowCandidates, slot: float = 0.0) -> list[tuple[float, int]]:
+        """(value, source) of the row's candidates, best first (within a source, in order);
+        slot: what a query token of the next pass costs, in tokens (:meth:`_slot_tokens`)."""
         if not row.drafting:
             return []
         with_lookup, kind, acc = bool(row.lookup.tokens), row.sampled, self.acceptance
         pending = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, len(row.pending) + 1)])
         sat = _falling([acc.sat_p(d, with_lookup, kind) for d in range(1, row.block + 1)])
-        slot = self._slot_tokens(batch, row.block) if row.block else 0.0
         items = []
         for source, vals in (
             (PENDING, pending),
@@ -306,7 +305,8 @@ class Scheduler:
 
     def plan(self, rows: list[RowCandidates]) -> Plan:
         """The pass to run next for these rows."""
-        values = [self.values(r, len(rows)) for r in rows]
+        slots = {k: self._slot_tokens(len(rows), k) for k in {r.block for r in rows if r.block}}  # once per block size
+        values = [self.values(r, slots.get(r.block, 0.0)) for r in rows]
         q, gain, seconds, end_move = self._best_width(values, [r.remaining for r in rows])
         best = self._allocate(values, q, gain, seconds)
         best.end_move = end_move

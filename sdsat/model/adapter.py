@@ -96,8 +96,8 @@ class SATAdapter(torch.nn.Module):
         self._rows: torch.Tensor | None = None  # [n] flat row indices of SAT tokens in this pass
         self._run: slice | None = None  # the same rows as a slice, where they are consecutive
         self._slots: torch.Tensor | None = None  # [n] index into sat_embed of each such row
-        self._row_mask: torch.Tensor | None = None  # [B, T, 1] bool: SAT positions
-        self._row_scale: torch.Tensor | None = None  # [B, T, 1]: alpha / rank at SAT positions, else 0
+        self._row_mask: torch.Tensor | None = None  # [B, T, 1] bool: SAT positions (training only)
+        self._row_scale: torch.Tensor | None = None  # [B, T, 1]: alpha / rank at SAT positions, else 0 (training only)
         self._handles: list = []
         self._pass_handles: list = []
         self._wrapped: list = []  # (linear, its own instance forward or None) while a pass holds SATs
@@ -179,15 +179,16 @@ class SATAdapter(torch.nn.Module):
             self._rows, self._slots = rows, slots.reshape(-1)[rows]
             first, last = int(rows[0]), int(rows[-1])
             self._run = slice(first, last + 1) if last - first + 1 == rows.numel() else None
-            self._row_mask = (slots >= 0)[..., None]  # [B, T, 1]; cast once per pass by the embedding hook
+            if torch.is_grad_enabled():  # training's masked products; decoding indexes the rows
+                self._row_mask = (slots >= 0)[..., None]  # [B, T, 1]; cast once per pass by the embedding hook
             self._begin_pass()
         return None
 
     def _embed_hook(self, module, args, output):
         flat = output.reshape(-1, output.shape[-1])
         flat = flat.index_copy(0, self._rows, self.sat_embed[self._slots].to(flat.dtype))
-        # [B, T, 1]: scale at SAT rows, 0 elsewhere, in the activations' dtype
-        self._row_scale = self._row_mask.to(output.dtype) * (self.cfg.alpha / self.cfg.rank)
+        if self._row_mask is not None:  # [B, T, 1]: scale at SAT rows, 0 elsewhere, in the activations' dtype
+            self._row_scale = self._row_mask.to(output.dtype) * (self.cfg.alpha / self.cfg.rank)
         return flat.view_as(output)
 
     def _delta_forward(self, key: str, inner, x: torch.Tensor) -> torch.Tensor:
