@@ -514,7 +514,7 @@ class Scheduler:
             realised = sum(len(out) for out in emitted) - len(rows)
             self._realised += REALISM_EMA * (realised - self._realised)
             self._expected += REALISM_EMA * (expected_extra - self._expected)
-            self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
+            self._rescale_realism()
         elif plan.plain:
             self._age_realism()
         if not plan.explore and plan.end_move > 0:
@@ -554,7 +554,10 @@ class Scheduler:
         right more often than ever. Aged, realism lets drafting be tried again within a
         hundred passes or so; if the estimates still overpromise, those passes say so."""
         self._realised += REALISM_AGE * (self._expected - self._realised)
-        self.realism = max(0.05, min(1.0, self._realised / self._expected))
+        self._rescale_realism()
+
+    def _rescale_realism(self) -> None:
+        self.realism = max(0.05, min(1.0, self._realised / self._expected))  # only ever a discount
 
     def _advance(self, seq_id: int, tokens: list[int]) -> None:
         watches = self.watches.get(seq_id)
