@@ -3,6 +3,7 @@
     python jobs/chat_prompts.py [--out configs/data/chat_prompts.json] [--count 512]
     python jobs/chat_prompts.py --out configs/data/chat_prompts_more.json --skip 512 --count 1072
     python jobs/chat_prompts.py --topics second --out configs/data/chat_prompts_second.json --count 1040
+    python jobs/chat_prompts.py --topics third --out configs/data/chat_prompts_third.json --count 1040
 
 Instructions are built from fixed task templates and topics (no data download), rendered
 with the default model's chat template up to the assistant's turn, and saved as token ids:
@@ -91,12 +92,39 @@ SECOND_CODE_TOPICS = (
     "converts a list of strings to integers", "finds the longest word in a sentence",
     "checks whether a list is sorted", "sums the digits of a number", "builds a multiplication table",
 )
-POOLS = {"first": (TOPICS, CODE_TOPICS), "second": (SECOND_TOPICS, SECOND_CODE_TOPICS)}
+# A third pool, disjoint from both (the second is used up by chat_prompts_second.json).
+THIRD_TOPICS = (
+    "the Arctic", "sourdough", "the history of writing", "tornadoes", "beekeeping", "the violin",
+    "the Ottoman Empire", "dental health", "hydropower", "owls", "ballet", "the Panama Canal",
+    "allergies", "geysers", "castles", "maple syrup", "butterflies", "the Inca Empire", "3D printing",
+    "gratitude", "mushroom foraging", "the Eiffel Tower", "nuclear fusion", "sharks", "calligraphy",
+    "thunderstorms", "the Space Station", "pottery", "the Byzantine Empire", "blood donation",
+    "sailing", "the Sahara", "insomnia", "cryptography", "rice farming", "the Beatles", "tigers",
+    "architecture of cathedrals", "the Moon's phases", "journaling", "coffee roasting", "sea turtles",
+    "the Apollo program", "camping", "wind erosion", "the history of medicine", "puzzles",
+    "the ozone layer", "container gardening", "kangaroos", "the Greek myths", "drones",
+    "water purification", "the Gold Rush", "salt", "storytelling", "the solar system", "parrots",
+    "electric guitars", "the Dead Sea",
+)
+THIRD_CODE_TOPICS = (
+    "counts the consonants in a word", "converts a binary string to an integer",
+    "finds all even numbers in a list", "checks whether a number is a perfect square",
+    "returns the last n lines of a file", "replaces every space in a string with a dash",
+    "finds the index of the smallest element of a list", "zips two lists into a dictionary",
+    "computes the sum of the squares of a list", "checks whether a string has only digits",
+    "removes empty strings from a list", "finds the mode of a list of numbers",
+    "converts minutes to hours and minutes", "counts the uppercase letters in a string",
+    "pads a number with leading zeros", "finds the difference between two dates in days",
+    "interleaves two lists", "checks whether all elements of a list are equal",
+    "returns a list of the words longer than five letters", "converts a dictionary to a list of pairs",
+)
+POOLS = {"first": (TOPICS, CODE_TOPICS), "second": (SECOND_TOPICS, SECOND_CODE_TOPICS),
+         "third": (THIRD_TOPICS, THIRD_CODE_TOPICS)}
 
 
 def instructions(count: int, seed: int = 0, topics: str = "first") -> list[str]:
     """``count`` distinct instructions, prose and code mixed (about 1 in 4 code), from the
-    ``topics`` pool ("first" or "second", disjoint)."""
+    ``topics`` pool ("first", "second" or "third", disjoint)."""
     prose, code = POOLS[topics]
     pool = [task.format(t=t) for task in TASKS for t in prose] + [task.format(t=t) for task in CODE_TASKS for t in code]
     random.Random(seed).shuffle(pool)
@@ -115,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="configs/data/chat_prompts.json")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N (those of an earlier, smaller file: the list is a fixed order, so --skip 512 --count 1000 gives prompts 512..999)")
     parser.add_argument("--count", type=int, default=512)
-    parser.add_argument("--topics", choices=sorted(POOLS), default="first", help="the topic pool: second is disjoint from first, which the earlier files use up")
+    parser.add_argument("--topics", choices=sorted(POOLS), default="first", help="the topic pool: the pools are disjoint; first and second are used up by the earlier files")
     args = parser.parse_args(argv)
     from sdsat.model.load import load_model
 

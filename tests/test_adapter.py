@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdsat.model.adapter import WEIGHTS_FILE, AdapterConfig, attach_adapter, get_adapter
-from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss
+from sdsat.training.frozen_loss import FrozenLossConfig, collate_two_pass, frozen_loss, two_pass_masks
 from sdsat.decode.generate import generate, make_sequences
 from sdsat.model.load import LoadedModel, load_model, save_artifact, save_model
 from sdsat.training.rows import RowConfig, build_row, collate
@@ -119,7 +119,7 @@ def test_two_pass_sat_logits_equal_one_pass(adapted):
     loaded, _, _ = adapted
     rows = _rows(loaded.sat.sat_ids)
     one = collate(rows, 0, torch.float32)
-    two = collate_two_pass(rows, 0, torch.float32)
+    two = collate_two_pass(rows, 0)
     with torch.no_grad():
         h1 = loaded.model.get_decoder()(
             input_ids=one["input_ids"], position_ids=one["position_ids"], attention_mask=one["attention_mask"]
@@ -147,7 +147,7 @@ def test_frozen_loss_trains_only_the_adapter_and_learns():
         p.requires_grad_(False)
     adapter = attach_adapter(loaded.model, loaded.sat.sat_ids, AdapterConfig(rank=16))
     cfg = FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_teacher=1.0, w_kl=0.1, w_sat=0.1)
-    batch = collate_two_pass(_rows(loaded.sat.sat_ids, seed=1), 0, torch.float32)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids, seed=1), 0)
     first, metrics = train_frozen(loaded.model, batch, cfg, adapter.parameters(), "sdsat_adapter")
     # A random tiny model's logits span little (its head is small), so the CE stays high;
     # but the SAT predictions come to agree with the teacher on this batch.
@@ -190,3 +190,20 @@ def test_checkpoint_and_artifact_round_trip(tmp_path):
     bad.save(tmp_path / "artifact")
     with pytest.raises(ValueError, match="do not fit the base model"):
         load_model(str(tmp_path / "artifact"))
+
+
+def test_a_two_pass_batch_carries_integers_and_its_masks_are_built_where_it_lives(adapted):
+    """Nothing of size (W + S)^2 crosses to the device: the batch is [B, T] integers, and the
+    masks come from them on the batch's device, in the dtype asked."""
+    loaded, _, _ = adapted
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0)
+    assert all(t.dtype == torch.long and t.dim() <= 2 for t in batch.values())
+    std_mask, sat_mask = two_pass_masks(batch, torch.bfloat16)
+    b, w = batch["std_ids"].shape
+    s = batch["sat_ids"].shape[1]
+    assert std_mask.shape == (b, 1, w, w) and sat_mask.shape == (b, 1, s, w + s)
+    assert std_mask.dtype == sat_mask.dtype == torch.bfloat16 and sat_mask.device == batch["sat_ids"].device
+    # a real standard query sees exactly the standard tokens up to itself
+    real = batch["std_block"][0] != -2
+    n = int(real.sum())
+    assert torch.equal(std_mask[0, 0, :n, :n] == 0, torch.ones(n, n, dtype=torch.bool).tril())

@@ -171,7 +171,7 @@ def test_head_only_training_reaches_only_the_head_and_learns():
     adapter.requires_grad_(False)
     head = attach_head(loaded.model, HeadConfig(width=64))
     cfg = FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_teacher=0.0, w_head=1.0, sat_grad=False)
-    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0)
     first, metrics = train_frozen(loaded.model, batch, cfg, head.parameters(), "sdsat_head")
     assert metrics["loss"] < first["loss"] - 0.5
     assert sum(metrics["sat_acc"]) / K > sum(first["sat_acc"]) / K + 0.3
@@ -209,7 +209,7 @@ def test_keep_head_needs_a_head_width():
 
 def test_head_loss_needs_a_head():
     loaded = tiny_loaded(k=K)
-    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0)
     with pytest.raises(ValueError, match="needs a model with a draft head"):
         frozen_loss(loaded.model, batch, FrozenLossConfig(tuple(loaded.sat.sat_ids), K, w_head=1.0))
 
@@ -278,7 +278,7 @@ def test_head_inputs_in_training_are_the_anchor_and_the_token_before_the_target(
     """For SAT i of anchor t the anchor feature sits at position t of the same row (the previous
     token, x_{t+i}, sits at the teacher's index: checked in tests/test_adapter.py)."""
     loaded = tiny_loaded(k=K)
-    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0, torch.float32)
+    batch = collate_two_pass(_rows(loaded.sat.sat_ids), 0)
     labelled = batch["labels"] != -100
     offset, sat_pos = batch["sat_offset"][labelled], batch["sat_pos"][labelled]
     anchor_index = batch["teacher_index"] - offset

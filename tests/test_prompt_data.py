@@ -46,7 +46,8 @@ def test_prompt_set_is_well_formed_and_unseen(path, default_tokenizer):
 def test_more_prompt_sets_do_not_repeat_the_earlier_ones():
     for first, more in (("artifact_prompts", "code_prompts_more"), ("chat_prompts", "chat_prompts_more"),
                         ("genre_prompts", "genre_prompts_more"), ("chat_prompts", "chat_prompts_second"),
-                        ("chat_prompts_more", "chat_prompts_second")):
+                        ("chat_prompts_more", "chat_prompts_second"), ("chat_prompts", "chat_prompts_third"),
+                        ("chat_prompts_more", "chat_prompts_third"), ("chat_prompts_second", "chat_prompts_third")):
         a = {tuple(p) for p in read_prompts(f"configs/data/{first}.json")}
         b = {tuple(p) for p in read_prompts(f"configs/data/{more}.json")}
         assert b and not a & b, (first, more)

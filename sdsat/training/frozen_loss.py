@@ -53,19 +53,19 @@ class FrozenLossConfig:
             raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}")
 
 
-def collate_two_pass(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Rows of :func:`sdsat.training.rows.build_row` -> a two-pass batch.
+def collate_two_pass(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of :func:`sdsat.training.rows.build_row` -> a two-pass batch of integer tensors.
 
-    std_ids, std_pos [B, W]; std_mask [B, 1, W, W]; sat_ids, sat_pos, sat_offset, labels [B, S];
-    sat_mask [B, 1, S, W + S] (additive, 0 / finfo(dtype).min); teacher_index [N] (for each
-    labelled SAT, in row-major order, the flat index b * W + t + i of its teacher position).
+    std_ids, std_pos, std_block [B, W]; sat_ids, sat_pos, sat_offset, sat_block, labels [B, S];
+    teacher_index [N] (for each labelled SAT, in row-major order, the flat index b * W + t + i
+    of its teacher position). The attention masks are not built here but by
+    :func:`two_pass_masks` on the device the batch is moved to: a float mask is W + S times
+    the size of the rest (18 MB for 16 rows of 64 blocks), and building it on the host cost
+    more than the GPU's step.
     """
     if not rows:
         raise ValueError("collate_two_pass needs at least one row")
-    split = []
-    for row in rows:
-        n = sum(1 for b in row["block_id"] if b == STD_BLOCK)
-        split.append(n)
+    split = [sum(1 for b in row["block_id"] if b == STD_BLOCK) for row in rows]
     width, sats = max(split), max(len(r["input_ids"]) - n for r, n in zip(rows, split))
     batch_size, total = len(rows), width + max(sats, 1)
 
@@ -79,8 +79,6 @@ def collate_two_pass(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[
 
     ids, pos = layout("input_ids", pad_id), layout("position_ids", 0)
     labels, offset, block = layout("labels", IGNORE), layout("sat_offset", 0), layout("block_id", PAD_BLOCK)
-    ok = allowed(pos, offset, block)  # [B, W + S, W + S]
-    mask = torch.zeros(ok.shape, dtype=dtype).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
     sat_labels = labels[:, width:]
     labelled = sat_labels != IGNORE  # [B, S]
     row_of = torch.arange(batch_size)[:, None].expand_as(sat_labels)
@@ -88,14 +86,27 @@ def collate_two_pass(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[
     return {
         "std_ids": ids[:, :width],
         "std_pos": pos[:, :width],
-        "std_mask": mask[:, :, :width, :width].contiguous(),
+        "std_block": block[:, :width],
         "sat_ids": ids[:, width:],
         "sat_pos": pos[:, width:],
         "sat_offset": offset[:, width:],
+        "sat_block": block[:, width:],
         "labels": sat_labels,
-        "sat_mask": mask[:, :, width:, :].contiguous(),
         "teacher_index": teacher_index,
     }
+
+
+def two_pass_masks(batch: dict, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive masks (0 / finfo(dtype).min) of a :func:`collate_two_pass` batch, on its
+    device: the standard pass's [B, 1, W, W] and the SAT pass's [B, 1, S, W + S]."""
+    std_pos = batch["std_pos"]
+    pos = torch.cat([std_pos, batch["sat_pos"]], dim=1)
+    offset = torch.cat([torch.zeros_like(std_pos), batch["sat_offset"]], dim=1)
+    block = torch.cat([batch["std_block"], batch["sat_block"]], dim=1)
+    ok = allowed(pos, offset, block)  # [B, W + S, W + S]
+    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+    width = std_pos.shape[1]
+    return mask[:, :, :width, :width], mask[:, :, width:, :]
 
 
 def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor, dict]:
@@ -104,17 +115,18 @@ def frozen_loss(model, batch: dict, cfg: FrozenLossConfig) -> tuple[torch.Tensor
     prefix), sat_data_acc the accuracy against the data."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     banned = torch.tensor(sorted(set(cfg.banned_ids)), dtype=torch.long, device=batch["std_ids"].device)
+    std_mask, sat_mask = two_pass_masks(batch)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         std_hidden = decoder(
-            input_ids=batch["std_ids"], position_ids=batch["std_pos"], attention_mask=batch["std_mask"],
+            input_ids=batch["std_ids"], position_ids=batch["std_pos"], attention_mask=std_mask,
             cache=cache, use_cache=True,
         ).last_hidden_state  # [B, W, H]
         teacher = _logits(head, std_hidden.reshape(-1, std_hidden.shape[-1])[batch["teacher_index"]], banned)  # [N, V]
     labelled = batch["labels"] != IGNORE  # [B, S]
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.sat_grad):
         sat_hidden = decoder(
-            input_ids=batch["sat_ids"], position_ids=batch["sat_pos"], attention_mask=batch["sat_mask"],
+            input_ids=batch["sat_ids"], position_ids=batch["sat_pos"], attention_mask=sat_mask,
             cache=cache, use_cache=True,
         ).last_hidden_state[labelled]  # [N, H]
         logits = _logits(head, sat_hidden, banned)  # [N, V]

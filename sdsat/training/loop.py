@@ -215,7 +215,7 @@ def train_step(module, optimizer, scheduler, rows: RowStream, cfg, rank, world, 
     for micro in range(accum):
         first = state["samples"] + (micro * world + rank) * batch_size
         augmented = [rows.row(first + j) for j in range(batch_size)]
-        batch = {key: t.to(device) for key, t in _collate(cfg)(augmented, pad_id, torch.float32).items()}
+        batch = {key: t.to(device) for key, t in _collate(cfg)(augmented, pad_id).items()}
         with _no_sync(module, last=micro == accum - 1), _autocast(cfg, device):
             loss, m = module(batch)
             (loss / accum).backward()
@@ -254,7 +254,7 @@ def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id) -> dict:
     for start in range(0, per_rank, cfg["batch_size"]):
         for i, w in zip(mine[start : start + cfg["batch_size"]], weights[start : start + cfg["batch_size"]]):
             row = rows.row(i)
-            batch = {key: t.to(device) for key, t in _collate(cfg)([row], pad_id, torch.float32).items()}
+            batch = {key: t.to(device) for key, t in _collate(cfg)([row], pad_id).items()}
             with _autocast(cfg, device):
                 _, m = module(batch)
             sums.add(m, tokens=len(row["input_ids"]), weight=w)
@@ -275,8 +275,11 @@ def _time_is_up(state: dict, cfg: dict, device: torch.device) -> bool:
 
 
 def _collate(cfg: dict):
-    """Rows -> batch: one pass over standard and SAT tokens, or two (frozen base, sat_adapter)."""
-    return collate_two_pass if cfg["train"] == "sat_adapter" else collate
+    """(rows, pad_id) -> batch: one pass over standard and SAT tokens, or two (frozen base,
+    sat_adapter; its masks are built on the device, by the loss)."""
+    if cfg["train"] == "sat_adapter":
+        return collate_two_pass
+    return lambda rows, pad_id: collate(rows, pad_id, torch.float32)
 
 
 def _no_sync(module, last: bool):

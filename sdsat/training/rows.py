@@ -138,5 +138,5 @@ def allowed(position_ids: torch.Tensor, sat_offset: torch.Tensor, block_id: torc
     same_block = (block_id[:, :, None] == block_id[:, None, :]) & (block_id >= 0)[:, None, :]
     sees_block = same_block & (sat_offset[:, None, :] <= sat_offset[:, :, None])  # [B, T, T]
     rule = (sees_std | sees_block) & valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(block_id.shape[1], dtype=torch.bool)[None]  # [1, T, T]
+    eye = torch.eye(block_id.shape[1], dtype=torch.bool, device=block_id.device)[None]  # [1, T, T]
     return rule | eye
