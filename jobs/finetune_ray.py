@@ -97,9 +97,9 @@ def _distill_with_tasks(cfg: FinetuneConfig, parts: list) -> list:
     return ray.get([task.remote(cfg.model_dump(), part, i) for i, part in enumerate(parts)])
 
 
-def _distill_task(values: dict, prompts: list, part: int) -> list:
+def _distill_task(values: dict, items: list, part: int) -> list:
     _setup_logging(f"distill {part}")  # its progress lines reach the driver's output
-    return distill_part(values, prompts)
+    return distill_part(values, items)
 
 
 def train_func(config: dict) -> None:

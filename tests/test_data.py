@@ -7,6 +7,7 @@ import logging
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -222,6 +223,49 @@ def test_self_distill_keeps_to_its_time_budget_and_reports_rate_and_eta(caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("self-distillation: 2/4 prompts")]
     assert lines and "prompts/s" in lines[0] and "eta " in lines[0] and "new tok/s" in lines[0]
     assert any("time budget" in r.getMessage() for r in caplog.records)
+
+
+def test_sampled_distillation_adds_distinct_reproducible_rows_after_the_greedy_ones():
+    """distill_sampled: each prompt's greedy row, then sampled ones; a sample's seed comes from
+    its prompt and number, so the rows do not depend on how the work is split into parts."""
+    from sdsat.training.config import load_config
+    from sdsat.training.distill import distill_rows, sampling_for, work_items
+
+    loaded = tiny_loaded(k=4)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42, 43, 44, 45, 46], [12] * 7]
+    items = work_items(prompts, 2)
+    assert [j for _, j in items] == [0, 0, 0, 1, 1, 1, 2, 2, 2] and [p for p, _ in items[3:6]] == prompts
+    sampling = sampling_for(items, 1.0)
+    assert sampling[:3] == [None] * 3 and len({s.seed for s in sampling[3:]}) == 6
+    assert [s.seed for s in sampling_for(items[::-1], 1.0)[:6]] == [s.seed for s in sampling[3:]][::-1]  # not by position
+    assert sampling_for(items, 1.0, seed=1)[3].seed != sampling[3].seed
+
+    out = self_distill(loaded, [p for p, _ in items], max_new_tokens=12, batch_size=4, sampling=sampling)
+    assert out[:3] == self_distill(loaded, prompts, max_new_tokens=12)  # the greedy rows are unchanged
+    assert all(row[: len(p)] == p for row, (p, _) in zip(out, items))
+    assert len({tuple(row) for row in out}) > len(prompts)  # sampling made other continuations
+    with pytest.raises(ValueError, match="sampling has 2 entries for 9 prompts"):
+        self_distill(loaded, [p for p, _ in items], 4, sampling=sampling[:2])
+
+    # through distill_rows, split over two workers' parts: the same rows as in one batch
+    cfg = load_config(overrides={"num_sat": 4, "distill_max_new_tokens": 12, "distill_sampled": 2, "num_workers": 2,
+                                 "distill_prompt_len": 7}).model_dump()
+    parts_seen = []
+
+    def run_parts(parts):
+        parts_seen.append(len(parts))
+        return [distill_part_with(loaded, cfg, part) for part in parts]
+
+    got = distill_rows(cfg, np.asarray([p[:7] + [0] * 9 for p in prompts]), run_parts)
+    assert parts_seen == [2] and sorted(map(tuple, got)) == sorted(map(tuple, out))
+
+
+def distill_part_with(loaded, cfg, items):
+    """distill_part's work on an already loaded model (distill_part loads cfg["model"])."""
+    from sdsat.training.distill import sampling_for
+
+    return self_distill(loaded, [list(p) for p, _ in items], cfg["distill_max_new_tokens"],
+                        sampling=sampling_for(items, cfg["distill_temperature"], cfg["seed"]))
 
 
 @pytest.mark.slow

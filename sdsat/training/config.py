@@ -57,6 +57,8 @@ class FinetuneConfig(BaseModel):
     distill_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Self-distillation: dtype the base model generates in. auto: bfloat16 on a GPU or a CPU with native bf16 (avx512_bf16/amx_bf16), else float32 (emulated bf16 is several times slower). Greedy outputs differ slightly between dtypes: pin it to reproduce a recipe exactly.")
     distill_max_minutes: Optional[float] = Field(None, gt=0, description="Self-distillation: stop generating after this many minutes (each task keeps the rows done so far), so the run fits a time budget at this machine's speed (null: no limit).")
     distill_batch_size: int = Field(8, ge=1, description="Self-distillation: prompts generated together per batch.")
+    distill_sampled: int = Field(0, ge=0, description="Self-distillation: this many more continuations of each prompt, sampled at distill_temperature (seeded by prompt and number, so a rerun makes the same rows), after the greedy one: more distinct rows from the same prompts. 0: greedy rows only.")
+    distill_temperature: float = Field(1.0, gt=0, description="Self-distillation: temperature of the distill_sampled continuations.")
     distill_cache: Optional[str] = Field(None, description="Self-distillation: a JSON file of distilled rows (lists of token ids). Read instead of generating when it exists; written after generating otherwise (null: never cached).")
 
     # --- optimisation ---

@@ -128,8 +128,9 @@ def pack_ids(sequences: list[list[int]], row_len: int) -> list[list[int]]:
 
 
 def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                 max_seconds: float | None = None) -> list[list[int]]:
-    """Each prompt followed by the model's own greedy continuation (plain decoding, SATs banned).
+                 max_seconds: float | None = None, sampling: list | None = None) -> list[list[int]]:
+    """Each prompt followed by the model's own continuation (plain decoding, SATs banned):
+    greedy, or per prompt as ``sampling`` says (its SamplingParams; None: greedy).
 
     max_seconds: stop after the batch that crosses this time (the prompts done so far are
     returned), so the work fits a time budget at whatever speed this machine has.
@@ -139,12 +140,15 @@ def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_si
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if sampling is not None and len(sampling) != len(prompts):
+        raise ValueError(f"sampling has {len(sampling)} entries for {len(prompts)} prompts")
     out: list[list[int]] = []
     progress = Progress("self-distillation", len(prompts), "prompts", log)
     tokens = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        sequences = generate(loaded, make_sequences(loaded, chunk, max_new_tokens), num_sat=0)
+        chunk_sampling = sampling[start : start + batch_size] if sampling is not None else None
+        sequences = generate(loaded, make_sequences(loaded, chunk, max_new_tokens), num_sat=0, sampling=chunk_sampling)
         out.extend(list(s.prompt_ids) + list(s.output_ids) for s in sequences)
         tokens += sum(len(s.output_ids) for s in sequences)
         elapsed = time.perf_counter() - progress.start

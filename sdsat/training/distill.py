@@ -1,13 +1,15 @@
 """Self-distillation: training rows become the base model's own greedy continuations of
-their first distill_prompt_len tokens (known to raise acceptance).
+their first distill_prompt_len tokens (known to raise acceptance), and optionally
+distill_sampled more continuations of each, sampled: more distinct rows per prompt.
 
-The prompts are split into parts, one per worker; ``run_parts`` (supplied by the caller:
-Ray tasks in jobs/finetune_ray.py, or a plain loop) turns each part into continuations
-with :func:`distill_part`.
+The work items (prompt, sample number; 0 greedy) are split into parts, one per worker;
+``run_parts`` (supplied by the caller: Ray tasks in jobs/finetune_ray.py, or a plain loop)
+turns each part into continuations with :func:`distill_part`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,7 +19,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Parts = list[list[list[int]]]  # parts -> prompts -> token ids
+Item = tuple[list[int], int]  # (prompt token ids, sample number: 0 greedy, j >= 1 the j-th sampled continuation)
+Parts = list[list[Item]]
 
 
 def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts]) -> list[np.ndarray]:
@@ -32,9 +35,10 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
     prompts = read_prompts(cfg["distill_prompts"]) if cfg["distill_prompts"] else [
         [int(t) for t in row[: cfg["distill_prompt_len"]]] for row in rows]
     count = min(len(prompts), cfg["distill_rows"] or len(prompts))
-    prompts = prompts[:count]
-    parts = [part for part in (prompts[i :: cfg["num_workers"]] for i in range(cfg["num_workers"])) if part]
-    log.info("self-distillation: %d prompts, %d new tokens each, %d parts", count, cfg["distill_max_new_tokens"], len(parts))
+    items = work_items(prompts[:count], cfg["distill_sampled"])
+    parts = [part for part in (items[i :: cfg["num_workers"]] for i in range(cfg["num_workers"])) if part]
+    log.info("self-distillation: %d prompts, %d continuations of %d new tokens each, %d parts", count, len(items),
+             cfg["distill_max_new_tokens"], len(parts))
     distilled = _long_enough([np.asarray(seq, dtype=np.int32) for out in run_parts(parts) for seq in out], cfg)
     if not distilled:
         raise ValueError("self-distillation produced no row long enough for a SAT block")
@@ -45,6 +49,24 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
         partial.replace(cache)
         log.info("self-distillation: %d rows written to %s", len(distilled), cache)
     return distilled
+
+
+def work_items(prompts: list[list[int]], sampled: int) -> list[Item]:
+    """Every prompt's greedy continuation first, then ``sampled`` rounds of sampled ones (so
+    a time budget that stops early keeps the greedy rows)."""
+    return [(prompt, j) for j in range(sampled + 1) for prompt in prompts]
+
+
+def sampling_for(items: list[Item], temperature: float, seed: int = 0) -> list:
+    """Per item, None (greedy) or its SamplingParams, seeded by the prompt's tokens and the
+    sample number (not by position in a part, so the rows do not depend on the workers)."""
+    from ..decode.target import SamplingParams
+
+    def stable_seed(prompt: list[int], j: int) -> int:
+        digest = hashlib.blake2b(json.dumps([seed, j, prompt]).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1
+
+    return [None if j == 0 else SamplingParams(temperature=temperature, seed=stable_seed(p, j)) for p, j in items]
 
 
 def read_prompts(paths: str) -> list[list[int]]:
@@ -92,7 +114,7 @@ def _split_slice(spec: str) -> tuple[str, slice]:
     return path, slice(start, stop)
 
 
-def distill_part(cfg: dict, prompts: list[list[int]]) -> list[list[int]]:
+def distill_part(cfg: dict, items: list[Item]) -> list[list[int]]:
     """One part's continuations: the base model (cfg["model"]) on this process's GPU when it
     has one, else its CPU, in distill_dtype ("auto": bf16 where the device runs it natively),
     for at most distill_max_minutes."""
@@ -106,7 +128,8 @@ def distill_part(cfg: dict, prompts: list[list[int]]) -> list[list[int]]:
     dtype = "bfloat16" if resolve_precision(cfg["distill_dtype"], device, "self-distillation") == "bf16" else "float32"
     loaded = load_model(cfg["model"], dtype=dtype, device=device)
     budget = 60 * cfg["distill_max_minutes"] if cfg["distill_max_minutes"] else None
-    return self_distill(loaded, prompts, cfg["distill_max_new_tokens"], batch_size=cfg["distill_batch_size"], max_seconds=budget)
+    return self_distill(loaded, [list(p) for p, _ in items], cfg["distill_max_new_tokens"], batch_size=cfg["distill_batch_size"],
+                        max_seconds=budget, sampling=sampling_for(items, cfg["distill_temperature"], cfg["seed"]))
 
 
 def _long_enough(rows: list[np.ndarray], cfg: dict) -> list[np.ndarray]:

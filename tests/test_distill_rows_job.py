@@ -1,0 +1,33 @@
+"""jobs/distill_rows.py: the rows a later stage's fine-tuning reads as its distill_cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from jobs.distill_rows import main
+from sdsat.model.load import load_model, resolve_path
+from sdsat.training.data import self_distill
+from sdsat.training.distill import sampling_for, work_items
+from tests.conftest import tiny_model
+
+
+def test_the_job_writes_greedy_rows_then_sampled_ones_as_fine_tuning_seeds_them(tmp_path):
+    model = tiny_model(vocab=49152)
+    model.save_pretrained(tmp_path / "tiny")
+    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+    prompts = [[100 + i, 200 + i, 300 + i, 400 + i] for i in range(3)]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    out = tmp_path / "rows.json"
+    assert main(["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--out", str(out),
+                 "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--sampled", "1", "--temperature", "0.9"]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and [r[:4] for r in rows] == prompts + prompts
+    loaded = load_model(str(tmp_path / "tiny"), dtype="float32")
+    items = work_items(prompts, 1)
+    assert rows == self_distill(loaded, prompts + prompts, 8, sampling=sampling_for(items, 0.9, 0))
+    assert rows[:3] == self_distill(loaded, prompts, 8)  # greedy first
+    with pytest.raises(SystemExit):
+        main(["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--out", str(out), "--sampled", "-1"])
