@@ -4,12 +4,16 @@
     python jobs/distill_rows.py --prompts mixed --max-new-tokens 128 --out BENCH_ROWS.json
     python jobs/distill_rows.py --prompts A.json,B.json --batch-size 128 --out ROWS.json   # on a GPU
     python jobs/distill_rows.py --prompts A.json --sampled 2 --temperature 0.8 --out ROWS.json  # 3 rows a prompt
+    python jobs/distill_rows.py --prompts A.json,B.json --sampled 2 --reuse GREEDY.json --out ROWS.json
 
 --prompts: JSON files of token-id lists (comma-separated, interleaved) (configs/data/*_prompts.json, as fine-tuning's
 ``distill_prompts``) or a benchmark prompt set (mixed[:N], humaneval[:N], a JSONL file, as
 jobs/bench.py takes). Writes a JSON list of token-id lists (prompt + continuation), the
 format of fine-tuning's ``distill_cache``: every prompt's greedy row, then --sampled rounds of
-sampled ones (fine-tuning's distill_sampled, seeded as it seeds them).
+sampled ones (fine-tuning's distill_sampled, seeded as it seeds them). --reuse takes the greedy
+rows an earlier run made (of these prompts or others, in any order) instead of generating them
+again, so the output is the same rows in the same order; with --max-minutes it is the longest
+such prefix that was made in time.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampled", type=int, default=0, help="more continuations per prompt, sampled (fine-tuning's distill_sampled)")
     p.add_argument("--temperature", type=float, default=1.0, help="of the sampled continuations")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning's seed: sampled rows equal those a run with this seed makes")
+    p.add_argument("--reuse", default=None, help="a JSON file of greedy rows (an earlier run without --sampled): those of these prompts are not generated again")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the batch that crosses this time (rows so far are kept)")
     args = p.parse_args(argv)
     if args.sampled < 0:
@@ -49,17 +55,38 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     loaded = load_model(args.model, dtype=args.dtype, device=device)
-    if args.prompts.endswith(".json"):
+    if all(re.search(r"\.json(\[[0-9:]*\])?$", part.strip()) for part in args.prompts.split(",")):
         prompts = read_prompts(args.prompts)
     else:
         prompts = [loaded.tokenizer.encode(text) for text in load_prompts(args.prompts)]
     budget = 60 * args.max_minutes if args.max_minutes else None
     items = work_items(prompts, args.sampled)
-    rows = self_distill(loaded, [prompt for prompt, _ in items], args.max_new_tokens, batch_size=args.batch_size, max_seconds=budget,
-                        sampling=sampling_for(items, args.temperature, args.seed))
+    reused = greedy_rows(args.reuse, prompts) if args.reuse else {}
+    todo = [(prompt, j) for prompt, j in items if not (j == 0 and tuple(prompt) in reused)]
+    made = iter(self_distill(loaded, [prompt for prompt, _ in todo], args.max_new_tokens, batch_size=args.batch_size,
+                             max_seconds=budget, sampling=sampling_for(todo, args.temperature, args.seed)))
+    rows = []
+    for prompt, j in items:  # the work list's order; stop where the made rows stop
+        row = reused.get(tuple(prompt)) if j == 0 else None
+        row = row if row is not None else next(made, None)
+        if row is None:
+            break
+        rows.append(row)
     Path(args.out).write_text(json.dumps(rows))
-    print(f"{len(rows)} rows written to {args.out}")
+    print(f"{len(rows)} rows written to {args.out} ({sum(1 for p, j in items[: len(rows)] if j == 0 and tuple(p) in reused)} reused)")
     return 0
+
+
+def greedy_rows(path: str, prompts: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """The rows of ``path`` that continue one of ``prompts``, by prompt."""
+    wanted = {tuple(p) for p in prompts}
+    lengths = {len(p) for p in prompts}
+    found = {}
+    for row in json.loads(Path(path).read_text()):
+        for n in lengths:
+            if tuple(row[:n]) in wanted and len(row) > n:
+                found[tuple(row[:n])] = row
+    return found
 
 
 if __name__ == "__main__":

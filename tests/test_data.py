@@ -260,6 +260,22 @@ def test_sampled_distillation_adds_distinct_reproducible_rows_after_the_greedy_o
     assert parts_seen == [2] and sorted(map(tuple, got)) == sorted(map(tuple, out))
 
 
+def test_distill_rows_counts_work_items_greedy_first():
+    """distill_rows cuts the work list (every greedy row, then the sampled rounds): with no
+    sampling that is the first N prompts, as the stage configs have always meant."""
+    from sdsat.training.config import load_config
+    from sdsat.training.distill import distill_rows
+
+    rows = np.arange(3 * 16).reshape(3, 16)
+    for sampled, cut, expected in ((1, 4, [(0, 0), (16, 0), (32, 0), (0, 1)]), (0, 2, [(0, 0), (16, 0)]), (2, None, 9)):
+        cfg = load_config(overrides={"num_sat": 4, "distill_max_new_tokens": 4, "distill_sampled": sampled,
+                                     "distill_rows": cut, "distill_prompt_len": 6}).model_dump()
+        seen = []
+        distill_rows(cfg, rows, lambda parts: seen.extend(parts[0]) or [[list(p) + [1] * 4 for p, _ in parts[0]]])
+        got = [(p[0], j) for p, j in seen]
+        assert (got if isinstance(expected, list) else len(got)) == expected
+
+
 def distill_part_with(loaded, cfg, items):
     """distill_part's work on an already loaded model (distill_part loads cfg["model"])."""
     from sdsat.training.distill import sampling_for

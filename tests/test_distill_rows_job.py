@@ -31,3 +31,25 @@ def test_the_job_writes_greedy_rows_then_sampled_ones_as_fine_tuning_seeds_them(
     assert rows[:3] == self_distill(loaded, prompts, 8)  # greedy first
     with pytest.raises(SystemExit):
         main(["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--out", str(out), "--sampled", "-1"])
+
+
+def test_reused_greedy_rows_are_not_made_again_and_the_output_is_the_same(tmp_path):
+    model = tiny_model(vocab=49152)
+    model.save_pretrained(tmp_path / "tiny")
+    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+    prompts = [[100 + i, 200 + i, 300 + i] for i in range(4)]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    (tmp_path / "some.json").write_text(json.dumps(prompts[2:] + prompts[:1]))
+    args = ["--model", str(tmp_path / "tiny"), "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]
+    main(["--prompts", str(tmp_path / "some.json"), "--out", str(tmp_path / "greedy.json"), *args])
+    main(["--prompts", str(tmp_path / "p.json[0:4]"), "--sampled", "1", "--out", str(tmp_path / "all.json"), *args])
+    greedy = json.loads((tmp_path / "greedy.json").read_text())
+    doctored = [row[:3] + [7] * 6 for row in greedy]  # reused rows are taken as they are, not made again
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    main(["--prompts", str(tmp_path / "p.json"), "--sampled", "1", "--reuse", str(tmp_path / "doctored.json"),
+          "--out", str(tmp_path / "reused.json"), *args])
+    everything, reused = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("all", "reused"))
+    assert len(everything) == len(reused) == 8
+    assert reused[2:4] == doctored[:2] and reused[0] == doctored[2]
+    assert reused[1] == everything[1] and reused[4:] == everything[4:]
+    assert everything[2:4] == greedy[:2]

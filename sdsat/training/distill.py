@@ -34,8 +34,8 @@ def distill_rows(cfg: dict, rows: np.ndarray, run_parts: Callable[[Parts], Parts
         return _long_enough(cached, cfg)
     prompts = read_prompts(cfg["distill_prompts"]) if cfg["distill_prompts"] else [
         [int(t) for t in row[: cfg["distill_prompt_len"]]] for row in rows]
-    count = min(len(prompts), cfg["distill_rows"] or len(prompts))
-    items = work_items(prompts[:count], cfg["distill_sampled"])
+    items = work_items(prompts, cfg["distill_sampled"])[: cfg["distill_rows"] or None]
+    count = min(len(prompts), len(items))  # prompts among the items
     parts = [part for part in (items[i :: cfg["num_workers"]] for i in range(cfg["num_workers"])) if part]
     log.info("self-distillation: %d prompts, %d continuations of %d new tokens each, %d parts", count, len(items),
              cfg["distill_max_new_tokens"], len(parts))
