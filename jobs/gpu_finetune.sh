@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# A further stage of the shipped SAT artifact on a lent GPU machine with no network and no Ray
-# (configs/finetune_gpu.yaml), beside the capacity experiment configs/experiments/gpu_r64_all.yaml
-# on the same distilled rows. Such a machine takes at most 64 MiB a call, so the default model's
-# GGUF (xz-compressed, split in two) travels over two calls:
+# The next stage of the shipped SAT artifact on a lent GPU machine with no network and no Ray
+# (configs/finetune_gpu.yaml). Such a machine takes at most 64 MiB a call, so the default
+# model's GGUF (xz-compressed, split in two) travels over two calls:
 #   bash jobs/gpu_finetune.sh kit      # here, once (needs PyPI and .venv): builds the kit in .gpu/ (ignored by git)
+#   bash jobs/gpu_finetune.sh greedy   # here, optional, resumable (~25 min per 2800 prompts on a 2-core CPU):
+#                                    #   the greedy rows of the stage's prompts in .gpu/greedy.json.xz, so the
+#                                    #   GPU makes only the sampled ones
 #   bash jobs/gpu_finetune.sh prep     # call 1, carrying .gpu/p1 .gpu/whl .gpu/slim.tar.xz .gpu/tok.tar.xz:
 #                                    #   kit (wheels, transformers, tokenizer) + GGUF part 1; a CUDA smoke run
 #                                    #   of distillation, training and export on a tiny random model (SMOKE=0 skips it)
-#   bash jobs/gpu_finetune.sh main     # call 2 (within the machine's 30 s warm time), carrying .gpu/p2:
-#                                    #   GGUF part 2; convert, distil, train both, export
-# Results go to $OUT. Measured on an H200 (stage 6): prep 98 s; main 520 s with MINUTES=4.5
-# (distillation 158 s for 2816 prompts at the default 2.2 min budget, both trainings 4.5 min
-# side by side, exports and tarballs); the machine's start and idle time count on top.
+#   bash jobs/gpu_finetune.sh main     # call 2 (within the machine's 30 s warm time), carrying .gpu/p2 and
+#                                    #   .gpu/greedy.json.xz if made: GGUF part 2; convert, distil (DISTILL_MINUTES,
+#                                    #   default 2), train (MINUTES, default 5), export, acceptance on the GPU
+# Results go to $OUT. Measured on an H200 for stage 6 (the earlier form of this script, two
+# trainings side by side at batch 16): prep 98 s; main 520 s with MINUTES=4.5 (distillation
+# 158 s for 2816 prompts at batch 256). The machine's start and idle time count on top.
 set -u
-case "${1:-}" in kit|prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh kit|prep|main" >&2; exit 2 ;; esac
+case "${1:-}" in kit|greedy|prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh kit|greedy|prep|main" >&2; exit 2 ;; esac
 
 if [ "$1" = kit ]; then  # on the development machine: the packages the GPU image lacks, at .venv's versions
   set -e
@@ -41,6 +44,19 @@ AutoTokenizer.from_pretrained(resolve_path('default-base')).save_pretrained('.gp
   ls -la .gpu .gpu/whl
   exit 0
 fi
+if [ "$1" = greedy ]; then  # on the development machine's CPU: the stage's greedy rows, resumed from what is there
+  set -e
+  mkdir -p .gpu
+  PROMPTS=$(.venv/bin/python -c "import yaml; print(yaml.safe_load(open('configs/finetune_gpu.yaml'))['distill_prompts'])")
+  [ -f .gpu/greedy.json.xz ] && xz -dc .gpu/greedy.json.xz > .gpu/greedy_before.json || echo "[]" > .gpu/greedy_before.json
+  for part in ${EXTRA_GREEDY:-}; do  # earlier greedy rows of some of these prompts (jobs/distill_rows.py outputs)
+    .venv/bin/python -c "import json,sys; a=json.load(open(sys.argv[1])); a+=json.load(open(sys.argv[2])); json.dump(a, open(sys.argv[1],'w'))" .gpu/greedy_before.json "$part"
+  done
+  .venv/bin/python jobs/distill_rows.py --prompts "$PROMPTS" --reuse .gpu/greedy_before.json --batch-size 32 --threads "$(nproc)" \
+    --max-new-tokens 160 --dtype bfloat16 ${GREEDY_MINUTES:+--max-minutes $GREEDY_MINUTES} --out .gpu/greedy.json
+  xz -9 -T0 -f .gpu/greedy.json && rm .gpu/greedy_before.json && ls -la .gpu/greedy.json.xz
+  exit 0
+fi
 W=/tmp/sdsat_gpu
 OUT=${OUT:-/tmp/sdsat_gpu_out}
 mkdir -p "$W" "$OUT"
@@ -66,10 +82,10 @@ model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, interm
                                      tie_word_embeddings=True))
 model.save_pretrained("/tmp/sdsat_gpu/tiny"); tok.save_pretrained("/tmp/sdsat_gpu/tiny")
 PY
-  python3 jobs/distill_rows.py --prompts configs/data/chat_prompts.json --model $W/tiny --batch-size 8 --max-new-tokens 24 \
-    --out $W/tiny_rows.json 2>&1 | tail -3 || exit 1
+  python3 jobs/distill_rows.py --prompts "configs/data/chat_prompts.json[0:256]" --sampled 1 --temperature 0.8 --model $W/tiny \
+    --batch-size 256 --max-new-tokens 24 --out $W/tiny_rows.json 2>&1 | tail -3 || exit 1
   python3 jobs/finetune.py --config configs/experiments/gpu_r64_all.yaml --no-ray --use-gpu ${USE_GPU:-true} --model $W/tiny --distill-cache $W/tiny_rows.json \
-    --max-steps 6 --warmup-steps 1 --max-minutes none --eval-every 3 --eval-rows 4 --checkpoint-every 3 --name tiny \
+    --max-steps 6 --warmup-steps 1 --max-minutes none --eval-every 3 --eval-rows 4 --checkpoint-every 3 --batch-size 64 --name tiny \
     --storage-path $W/runs --export-dir $W/tiny_export 2>&1 | grep -v -i "warn" | tail -12
   ls -la $W/tiny_export $W/runs/tiny
   exit 0
@@ -79,20 +95,20 @@ fi
 cat "$W/p1" .gpu/p2 > "$W/model.gguf.xz" && xz -d -T0 -f "$W/model.gguf.xz" || exit 1
 python3 -c "from sdsat.model.default_model import default_checkpoint as d; print(d())" 2>&1 | grep -v -i warn | tail -2
 start=$(date +%s)
-python3 jobs/distill_rows.py --prompts "$PROMPTS" --model default-base --batch-size ${DISTILL_BATCH:-256} --max-new-tokens 160 \
-  --max-minutes ${DISTILL_MINUTES:-2.2} --out $W/rows.json > "$OUT/distill.log" 2>&1
+read -r SAMPLED TEMP <<< "$(python3 -c "import yaml; c=yaml.safe_load(open('configs/finetune_gpu.yaml')); print(c['distill_sampled'], c['distill_temperature'])")"
+REUSE=""
+if [ -f .gpu/greedy.json.xz ]; then xz -dc .gpu/greedy.json.xz > "$W/greedy.json" && REUSE="--reuse $W/greedy.json"; fi
+python3 jobs/distill_rows.py --prompts "$PROMPTS" --sampled "$SAMPLED" --temperature "$TEMP" --model default-base $REUSE \
+  --batch-size ${DISTILL_BATCH:-1024} --max-new-tokens 160 --max-minutes ${DISTILL_MINUTES:-2} --out $W/rows.json > "$OUT/distill.log" 2>&1
 tail -2 "$OUT/distill.log"; echo "distill: $(( $(date +%s) - start )) s"
-for v in A B; do
-  conf=configs/finetune_gpu.yaml; [ $v = B ] && conf=configs/experiments/gpu_r64_all.yaml
-  python3 jobs/finetune.py --config $conf --no-ray --use-gpu ${USE_GPU:-true} --distill-cache $W/rows.json --storage-path $W/runs \
-    --export-dir $W/export$v --max-minutes ${MINUTES:-4.0} ${EXTRA:-} > "$OUT/train$v.log" 2>&1 &
-done
-wait
-for v in A B; do
-  grep -v -i warn "$OUT/train$v.log" | grep -E "time budget|step [0-9]+/|export|error|Error" | tail -6
-  run=$(ls -d $W/runs/sdsat-gpu-* | grep -E "$([ $v = A ] && echo continue || echo r64)")
-  tar cf "$OUT/$v.tar" -C "$W" "export$v" -C "$run" training_curve.png metrics.jsonl 2>/dev/null || tar cf "$OUT/$v.tar" -C "$W" "export$v"
-done
-split -b 15M -d "$OUT/B.tar" "$OUT/B.tar." && rm "$OUT/B.tar"  # files come back at most 16 MiB each
-tar cf "$OUT/logs.tar" -C "$OUT" distill.log trainA.log trainB.log && rm "$OUT"/*.log
+python3 jobs/finetune.py --config configs/finetune_gpu.yaml --no-ray --use-gpu ${USE_GPU:-true} --distill-cache $W/rows.json \
+  --storage-path $W/runs --export-dir $W/export --max-minutes ${MINUTES:-5} ${EXTRA:-} > "$OUT/train.log" 2>&1
+grep -v -i warn "$OUT/train.log" | grep -E "time budget|step [0-9]+/|export|error|Error" | tail -6
+echo "train: $(( $(date +%s) - start )) s"
+timeout 90 python3 jobs/eval_acceptance.py --model $W/export --prompts mixed --num-sat 5 --max-new-tokens 128 \
+  --json "$OUT/acceptance_gpu.json" > "$OUT/eval.log" 2>&1; tail -3 "$OUT/eval.log"
+run=$(ls -d $W/runs/sdsat-gpu-continue*)
+tar cf "$OUT/export.tar" -C "$W" export -C "$run" training_curve.png metrics.jsonl 2>/dev/null || tar cf "$OUT/export.tar" -C "$W" export
+split -b 15M -d "$OUT/export.tar" "$OUT/export.tar." && rm "$OUT/export.tar"  # files come back at most 16 MiB each
+tar cf "$OUT/logs.tar" -C "$OUT" distill.log train.log eval.log && rm "$OUT"/*.log
 ls -la "$OUT"; echo "total: $(( $(date +%s) - start )) s after conversion"

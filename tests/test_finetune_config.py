@@ -327,19 +327,30 @@ def test_stage5_takes_only_the_code_prompts_stage4_left_unused():
     assert tuple(read_prompts("configs/data/code_prompts_more.json")[612]) in seen
 
 
-def test_stage6_fixes_what_the_time_boxed_gpu_run_resolved_to():
-    """Stage 6 ran configs/finetune_gpu.yaml time-boxed; its config must train on exactly the
-    prompts that run distilled (the first 2816 of the same interleave), with the same weights-
-    shaping fields, and none of stage 5's prompts."""
+def test_stage6_fixes_what_its_time_boxed_gpu_run_resolved_to():
+    """Stage 6 ran time-boxed on a GPU; its config trains on exactly the prompts that run
+    distilled (the first 2816 of its interleave), none of stage 5's."""
     from sdsat.training.distill import read_prompts
 
-    gpu, stage6 = load_config("configs/finetune_gpu.yaml"), load_config("configs/finetune_stage6.yaml")
-    assert gpu.max_minutes is None and gpu.distill_rows is None  # the time box comes from jobs/gpu_finetune.sh
-    assert (stage6.distill_rows, stage6.max_steps) == (2816, 486)
-    assert read_prompts(stage6.distill_prompts)[:2816] == read_prompts(gpu.distill_prompts)[:2816]
-    same = ("model", "keep_head", "adapter_rank", "adapter_targets", "draft_head", "lr", "warmup_steps", "min_lr_ratio",
-            "batch_size", "row_len", "distill_max_new_tokens", "poisson_lambda", "max_blocks", "precision")
-    assert {k: getattr(stage6, k) for k in same} == {k: getattr(gpu, k) for k in same}
+    stage6 = load_config("configs/finetune_stage6.yaml")
+    assert (stage6.distill_rows, stage6.max_steps, stage6.distill_sampled) == (2816, 486, 0)
+    assert len(read_prompts(stage6.distill_prompts)) == 5686
     stage5 = load_config("configs/finetune_stage5.yaml")
     seen5 = {tuple(p) for p in read_prompts(stage5.distill_prompts)[: stage5.distill_rows]}
     assert not seen5 & {tuple(p) for p in read_prompts(stage6.distill_prompts)[:2816]}
+
+
+def test_the_next_gpu_stage_continues_stage6_on_more_distinct_rows():
+    """configs/finetune_gpu.yaml: stage 6's weights-shaping fields, its prompts and the unused
+    chat pools, sampled rows on top, and the time box left to jobs/gpu_finetune.sh."""
+    from sdsat.training.distill import read_prompts, work_items
+
+    gpu, stage6 = load_config("configs/finetune_gpu.yaml"), load_config("configs/finetune_stage6.yaml")
+    assert gpu.max_minutes is None and gpu.distill_rows is None and gpu.export_dir == stage6.export_dir
+    same = ("model", "keep_head", "adapter_rank", "adapter_targets", "draft_head", "lr", "warmup_steps", "min_lr_ratio",
+            "row_len", "distill_max_new_tokens", "poisson_lambda", "max_blocks", "precision", "w_head", "w_teacher")
+    assert {k: getattr(stage6, k) for k in same} == {k: getattr(gpu, k) for k in same}
+    prompts = read_prompts(gpu.distill_prompts)
+    assert {tuple(p) for p in read_prompts(stage6.distill_prompts)} < {tuple(p) for p in prompts}
+    assert len(prompts) == len({tuple(p) for p in prompts}) == 7766
+    assert gpu.distill_sampled == 2 and len(work_items(prompts, gpu.distill_sampled)) == 23298
