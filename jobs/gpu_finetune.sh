@@ -101,6 +101,9 @@ if [ -f .gpu/greedy.json.xz ]; then xz -dc .gpu/greedy.json.xz > "$W/greedy.json
 python3 jobs/distill_rows.py --prompts "$PROMPTS" --sampled "$SAMPLED" --temperature "$TEMP" --model default-base $REUSE \
   --batch-size ${DISTILL_BATCH:-1024} --max-new-tokens 160 --max-minutes ${DISTILL_MINUTES:-2} --out $W/rows.json > "$OUT/distill.log" 2>&1
 tail -2 "$OUT/distill.log"; echo "distill: $(( $(date +%s) - start )) s"
+if [ ! -s $W/rows.json ]; then  # without rows, fine-tuning would distil them itself, with no time box
+  tail -20 "$OUT/distill.log"; echo "no distilled rows: stopping before training" >&2; exit 1
+fi
 python3 jobs/finetune.py --config configs/finetune_gpu.yaml --no-ray --use-gpu ${USE_GPU:-true} --distill-cache $W/rows.json \
   --storage-path $W/runs --export-dir $W/export --max-minutes ${MINUTES:-5} ${EXTRA:-} > "$OUT/train.log" 2>&1
 grep -v -i warn "$OUT/train.log" | grep -E "time budget|step [0-9]+/|export|error|Error" | tail -6
