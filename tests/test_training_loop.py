@@ -102,3 +102,21 @@ def test_the_recorded_recipe_names_no_machine_paths():
     assert kept["lr"] == cfg["lr"] and kept["distill_prompts"] == cfg["distill_prompts"]
     paths = [v for v in kept.values() if isinstance(v, str) and (v.startswith(("/", "~")) or "://" in v)]
     assert not paths and not {"name", "storage_path", "export_dir", "distill_cache"} & kept.keys()
+
+
+def test_validation_in_batches_measures_what_it_measured_one_row_at_a_time(tiny_path, tmp_path):
+    """Held-out rows go through the loss batch_size at a time: the same accuracies and SAT
+    cross-entropy (weighted by labels) as one forward per row, in fewer forwards."""
+    from sdsat.training.loop import evaluate
+
+    config = loop_config(tiny_path, tmp_path, batch_size=4, eval_rows=10, train="sat_adapter", adapter_rank=4, w_std=0.0)
+    trainer = Trainer(config, Worker(0, 1, torch.device("cpu")), token_rows(), token_rows(12))
+    cfg, calls = trainer.cfg, []
+    hook = trainer.module.register_forward_pre_hook(lambda module, args: calls.append(len(args[0]["std_ids"])))
+    args = (trainer.module, trainer.val_rows, cfg, 0, 1, torch.device("cpu"), trainer.pad_id)
+    batched, single = evaluate(*args), evaluate(*args, one_at_a_time=True)
+    hook.remove()
+    assert calls == [4, 4, 2] + [1] * 10
+    for key in [f"val_sat_acc_{i}" for i in range(1, 5)] + ["val_ce_sat"]:
+        assert batched[key] == pytest.approx(single[key], abs=1e-5), key
+    assert 0 < batched["val_sat_acc_1"] < 1

@@ -237,27 +237,29 @@ def train_step(module, optimizer, scheduler, rows: RowStream, cfg, rank, world, 
 
 
 @torch.no_grad()
-def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id) -> dict:
+def evaluate(module, rows: RowStream, cfg, rank, world, device, pad_id, one_at_a_time: bool = False) -> dict:
     """Validation metrics (val_*) on the first eval_rows held-out rows, spread over ranks.
 
-    Every rank runs the same number of forwards (DDP/FSDP forwards are collective); a rank
-    short of rows repeats one with weight 0.
+    Every rank runs the same number of forwards (DDP/FSDP forwards are collective). When the
+    rows divide evenly over the ranks (always with one), each rank runs them batch_size at a
+    time (a GPU's eval was 64 forwards of one row); otherwise, or with ``one_at_a_time``, one
+    at a time, a rank short of rows repeating one with weight 0.
     """
     n = min(cfg["eval_rows"], len(rows))
     mine = list(range(rank, n, world))
     per_rank = math.ceil(n / world)
+    size = 1 if one_at_a_time or n % world else cfg["batch_size"]
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine += [0] * (per_rank - len(mine))
     sums = MetricSums(cfg["num_sat"], device)
     was_training = module.training
     module.eval()
-    for start in range(0, per_rank, cfg["batch_size"]):
-        for i, w in zip(mine[start : start + cfg["batch_size"]], weights[start : start + cfg["batch_size"]]):
-            row = rows.row(i)
-            batch = {key: t.to(device) for key, t in _collate(cfg)([row], pad_id).items()}
-            with _autocast(cfg, device):
-                _, m = module(batch)
-            sums.add(m, tokens=len(row["input_ids"]), weight=w)
+    for start in range(0, per_rank, size):
+        chunk = [rows.row(i) for i in mine[start : start + size]]
+        batch = {key: t.to(device) for key, t in _collate(cfg)(chunk, pad_id).items()}
+        with _autocast(cfg, device):
+            _, m = module(batch)
+        sums.add(m, tokens=sum(len(row["input_ids"]) for row in chunk), weight=weights[start])
     module.train(was_training)
     out = sums.reduce(prefix="val_")
     out.pop("val_tokens")
