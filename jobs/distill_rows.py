@@ -13,7 +13,8 @@ format of fine-tuning's ``distill_cache``: every prompt's greedy row, then --sam
 sampled ones (fine-tuning's distill_sampled, seeded as it seeds them). --reuse takes the greedy
 rows an earlier run made (of these prompts or others, in any order) instead of generating them
 again, so the output is the same rows in the same order; with --max-minutes it is the longest
-such prefix that was made in time.
+such prefix that was made in time. Rows made so far are saved to OUT.partial every minute, and
+a rerun with the same arguments continues from there.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -62,19 +64,39 @@ def main(argv: list[str] | None = None) -> int:
     budget = 60 * args.max_minutes if args.max_minutes else None
     items = work_items(prompts, args.sampled)
     reused = greedy_rows(args.reuse, prompts) if args.reuse else {}
+    partial = Path(args.out + ".partial")  # what an interrupted run made: its rows are not made again
+    done = json.loads(partial.read_text()) if partial.is_file() else []
     todo = [(prompt, j) for prompt, j in items if not (j == 0 and tuple(prompt) in reused)]
-    made = iter(self_distill(loaded, [prompt for prompt, _ in todo], args.max_new_tokens, batch_size=args.batch_size,
-                             max_seconds=budget, sampling=sampling_for(todo, args.temperature, args.seed)))
-    rows = []
-    for prompt, j in items:  # the work list's order; stop where the made rows stop
+    if done:
+        print(f"resuming: {len(done)} rows of {len(todo)} already made ({partial})")
+    last_save = [time.monotonic()]
+
+    def save(made: list[list[int]], every_s: float = 60.0) -> None:
+        if time.monotonic() - last_save[0] >= every_s:
+            partial.write_text(json.dumps(done + made))
+            last_save[0] = time.monotonic()
+
+    rest = todo[len(done) :]
+    made = done + self_distill(loaded, [prompt for prompt, _ in rest], args.max_new_tokens, batch_size=args.batch_size,
+                               max_seconds=budget, sampling=sampling_for(rest, args.temperature, args.seed), on_batch=save)
+    rows = merge(items, reused, made)
+    Path(args.out).write_text(json.dumps(rows))
+    partial.unlink(missing_ok=True)
+    print(f"{len(rows)} rows written to {args.out} ({sum(1 for p, j in items[: len(rows)] if j == 0 and tuple(p) in reused)} reused)")
+    return 0
+
+
+def merge(items, reused: dict, made: list[list[int]]) -> list[list[int]]:
+    """The rows in the work list's order: reused greedy rows where there are, else the made
+    ones in turn; it stops where the made rows stop (a time budget keeps a prefix)."""
+    rows, made_rows = [], iter(made)
+    for prompt, j in items:
         row = reused.get(tuple(prompt)) if j == 0 else None
-        row = row if row is not None else next(made, None)
+        row = row if row is not None else next(made_rows, None)
         if row is None:
             break
         rows.append(row)
-    Path(args.out).write_text(json.dumps(rows))
-    print(f"{len(rows)} rows written to {args.out} ({sum(1 for p, j in items[: len(rows)] if j == 0 and tuple(p) in reused)} reused)")
-    return 0
+    return rows
 
 
 def greedy_rows(path: str, prompts: list[list[int]]) -> dict[tuple[int, ...], list[int]]:

@@ -53,3 +53,22 @@ def test_reused_greedy_rows_are_not_made_again_and_the_output_is_the_same(tmp_pa
     assert reused[2:4] == doctored[:2] and reused[0] == doctored[2]
     assert reused[1] == everything[1] and reused[4:] == everything[4:]
     assert everything[2:4] == greedy[:2]
+
+
+def test_an_interrupted_run_continues_from_its_partial_file(tmp_path):
+    model = tiny_model(vocab=49152)
+    model.save_pretrained(tmp_path / "tiny")
+    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+    prompts = [[100 + i, 200 + i, 300 + i] for i in range(5)]
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    args = ["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--max-new-tokens", "6",
+            "--dtype", "float32", "--device", "cpu", "--sampled", "1", "--batch-size", "2"]
+    main([*args, "--out", str(tmp_path / "whole.json")])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert not (tmp_path / "whole.json.partial").exists()
+    # a run stopped after 3 rows left them behind; its rerun makes only the other 7
+    (tmp_path / "rerun.json.partial").write_text(json.dumps(whole[:2] + [whole[2][:3] + [9] * 6]))
+    main([*args, "--out", str(tmp_path / "rerun.json")])
+    rerun = json.loads((tmp_path / "rerun.json").read_text())
+    assert rerun[:2] == whole[:2] and rerun[2] == whole[2][:3] + [9] * 6 and rerun[3:] == whole[3:]
+    assert not (tmp_path / "rerun.json.partial").exists()

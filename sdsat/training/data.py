@@ -28,6 +28,7 @@ import os
 import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,14 @@ def pack_ids(sequences: list[list[int]], row_len: int) -> list[list[int]]:
 
 
 def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                 max_seconds: float | None = None, sampling: list | None = None) -> list[list[int]]:
+                 max_seconds: float | None = None, sampling: list | None = None,
+                 on_batch: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
     """Each prompt followed by the model's own continuation (plain decoding, SATs banned):
     greedy, or per prompt as ``sampling`` says (its SamplingParams; None: greedy).
 
     max_seconds: stop after the batch that crosses this time (the prompts done so far are
     returned), so the work fits a time budget at whatever speed this machine has.
+    on_batch: called with the rows made so far after each batch (to save them as it goes).
     """
     from ..decode.generate import generate, make_sequences
     from .progress import Progress
@@ -153,6 +156,8 @@ def self_distill(loaded, prompts: list[list[int]], max_new_tokens: int, batch_si
         tokens += sum(len(s.output_ids) for s in sequences)
         elapsed = time.perf_counter() - progress.start
         progress.update(len(out), extra=f"{tokens / elapsed:.0f} new tok/s")
+        if on_batch is not None:
+            on_batch(out)
         if max_seconds is not None and elapsed >= max_seconds and len(out) < len(prompts):
             log.info("self-distillation: time budget of %.0f s reached after %d of %d prompts", max_seconds, len(out), len(prompts))
             break
