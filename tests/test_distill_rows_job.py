@@ -14,33 +14,36 @@ from sdsat.training.distill import sampling_for, work_items
 from tests.conftest import tiny_model
 
 
-def test_the_job_writes_greedy_rows_then_sampled_ones_as_fine_tuning_seeds_them(tmp_path):
-    model = tiny_model(vocab=49152)
-    model.save_pretrained(tmp_path / "tiny")
-    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random model with the default model's tokenizer, saved as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model(vocab=49152).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(path)
+    return path
+
+
+def test_the_job_writes_greedy_rows_then_sampled_ones_as_fine_tuning_seeds_them(tiny, tmp_path):
     prompts = [[100 + i, 200 + i, 300 + i, 400 + i] for i in range(3)]
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     out = tmp_path / "rows.json"
-    assert main(["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--out", str(out),
+    assert main(["--prompts", str(tmp_path / "p.json"), "--model", str(tiny), "--out", str(out),
                  "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--sampled", "1", "--temperature", "0.9"]) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 6 and [r[:4] for r in rows] == prompts + prompts
-    loaded = load_model(str(tmp_path / "tiny"), dtype="float32")
+    loaded = load_model(str(tiny), dtype="float32")
     items = work_items(prompts, 1)
     assert rows == self_distill(loaded, prompts + prompts, 8, sampling=sampling_for(items, 0.9, 0))
     assert rows[:3] == self_distill(loaded, prompts, 8)  # greedy first
     with pytest.raises(SystemExit):
-        main(["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--out", str(out), "--sampled", "-1"])
+        main(["--prompts", str(tmp_path / "p.json"), "--model", str(tiny), "--out", str(out), "--sampled", "-1"])
 
 
-def test_reused_greedy_rows_are_not_made_again_and_the_output_is_the_same(tmp_path):
-    model = tiny_model(vocab=49152)
-    model.save_pretrained(tmp_path / "tiny")
-    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+def test_reused_greedy_rows_are_not_made_again_and_the_output_is_the_same(tiny, tmp_path):
     prompts = [[100 + i, 200 + i, 300 + i] for i in range(4)]
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     (tmp_path / "some.json").write_text(json.dumps(prompts[2:] + prompts[:1]))
-    args = ["--model", str(tmp_path / "tiny"), "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]
+    args = ["--model", str(tiny), "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]
     main(["--prompts", str(tmp_path / "some.json"), "--out", str(tmp_path / "greedy.json"), *args])
     main(["--prompts", str(tmp_path / "p.json[0:4]"), "--sampled", "1", "--out", str(tmp_path / "all.json"), *args])
     greedy = json.loads((tmp_path / "greedy.json").read_text())
@@ -55,13 +58,10 @@ def test_reused_greedy_rows_are_not_made_again_and_the_output_is_the_same(tmp_pa
     assert everything[2:4] == greedy[:2]
 
 
-def test_an_interrupted_run_continues_from_its_partial_file(tmp_path):
-    model = tiny_model(vocab=49152)
-    model.save_pretrained(tmp_path / "tiny")
-    AutoTokenizer.from_pretrained(resolve_path("default-base")).save_pretrained(tmp_path / "tiny")
+def test_an_interrupted_run_continues_from_its_partial_file(tiny, tmp_path):
     prompts = [[100 + i, 200 + i, 300 + i] for i in range(5)]
     (tmp_path / "p.json").write_text(json.dumps(prompts))
-    args = ["--prompts", str(tmp_path / "p.json"), "--model", str(tmp_path / "tiny"), "--max-new-tokens", "6",
+    args = ["--prompts", str(tmp_path / "p.json"), "--model", str(tiny), "--max-new-tokens", "6",
             "--dtype", "float32", "--device", "cpu", "--sampled", "1", "--batch-size", "2"]
     main([*args, "--out", str(tmp_path / "whole.json")])
     whole = json.loads((tmp_path / "whole.json").read_text())
