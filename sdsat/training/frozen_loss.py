@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from ..model.draft_head import get_head
 from .loss import _kl, _logits, _mean
-from .rows import IGNORE, PAD_BLOCK, STD_BLOCK, allowed
+from .rows import IGNORE, PAD_BLOCK, STD_BLOCK, attention_mask
 
 
 @dataclass
@@ -103,8 +103,7 @@ def two_pass_masks(batch: dict, dtype: torch.dtype = torch.float32) -> tuple[tor
     pos = torch.cat([std_pos, batch["sat_pos"]], dim=1)
     offset = torch.cat([torch.zeros_like(std_pos), batch["sat_offset"]], dim=1)
     block = torch.cat([batch["std_block"], batch["sat_block"]], dim=1)
-    ok = allowed(pos, offset, block)  # [B, W + S, W + S]
-    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+    mask = attention_mask(pos, offset, block, dtype)  # [B, 1, W + S, W + S]
     width = std_pos.shape[1]
     return mask[:, :, :width, :width], mask[:, :, width:, :]
 

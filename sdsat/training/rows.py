@@ -115,9 +115,9 @@ def collate(rows: list[dict], pad_id: int, dtype: torch.dtype) -> dict[str, torc
 def attention_mask(
     position_ids: torch.Tensor, sat_offset: torch.Tensor, block_id: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Additive mask [B, 1, T, T] from per-token tensors [B, T] (see :func:`allowed`)."""
+    """Additive mask [B, 1, T, T] from per-token tensors [B, T] (see :func:`allowed`), on their device."""
     allowed_ = allowed(position_ids, sat_offset, block_id)  # [B, T, T]
-    mask = torch.zeros(allowed_.shape, dtype=dtype)
+    mask = torch.zeros(allowed_.shape, dtype=dtype, device=allowed_.device)
     mask.masked_fill_(~allowed_, torch.finfo(dtype).min)
     return mask[:, None]
 
