@@ -60,15 +60,15 @@ if [ "$1" = greedy ]; then  # on the development machine's CPU: the stage's gree
   set -e
   mkdir -p .gpu
   PROMPTS=$(.venv/bin/python -c "import yaml; print(yaml.safe_load(open('configs/finetune_gpu.yaml'))['distill_prompts'])")
+  union_rows() {  # union_rows OUT IN...: every distinct row of the IN files (JSON lists of token-id lists) in OUT
+    .venv/bin/python -c "import json,sys; rows={tuple(r): r for f in sys.argv[2:] for r in json.load(open(f))}; json.dump(list(rows.values()), open(sys.argv[1],'w'))" "$@"
+  }
   [ -f .gpu/greedy.json.xz ] && xz -dc .gpu/greedy.json.xz > .gpu/greedy_before.json || echo "[]" > .gpu/greedy_before.json
-  for part in ${EXTRA_GREEDY:-}; do  # earlier greedy rows of some of these prompts (jobs/distill_rows.py outputs)
-    .venv/bin/python -c "import json,sys; a=json.load(open(sys.argv[1])); a+=json.load(open(sys.argv[2])); json.dump(a, open(sys.argv[1],'w'))" .gpu/greedy_before.json "$part"
-  done
+  union_rows .gpu/greedy_before.json .gpu/greedy_before.json ${EXTRA_GREEDY:-}  # and earlier jobs/distill_rows.py outputs
   .venv/bin/python jobs/distill_rows.py --prompts "$PROMPTS" --reuse .gpu/greedy_before.json --batch-size 32 --threads "$(nproc)" \
     --max-new-tokens 160 --dtype bfloat16 ${GREEDY_MINUTES:+--max-minutes $GREEDY_MINUTES} --out .gpu/greedy.json
   # the output is the work list's prefix that was made in time: keep every earlier row too, for the next rerun
-  .venv/bin/python -c "import json,sys; rows={tuple(r): r for f in sys.argv[1:] for r in json.load(open(f))}; json.dump(list(rows.values()), open(sys.argv[2],'w'))" \
-    .gpu/greedy_before.json .gpu/greedy.json
+  union_rows .gpu/greedy.json .gpu/greedy_before.json .gpu/greedy.json
   xz -9 -T0 -f .gpu/greedy.json && rm .gpu/greedy_before.json && ls -la .gpu/greedy.json.xz
   carry_sizes || echo "leave .gpu/greedy.json.xz out of call 2 (the GPU then makes those rows too)" >&2
   exit 0
